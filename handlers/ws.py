@@ -1,0 +1,198 @@
+"""/ws?token=<jwt>: the live connection of patients (and any other live client).
+
+Authentication happens before the upgrade (a bad token is a 401 response, never an accepted then
+dropped socket). After the upgrade the socket registers with the hub, sends the backlog (every
+message above the user's received marker), then live messages. Live messages that arrive while the
+backlog is being sent are held and released after it; each socket remembers the highest seq it has
+sent per conversation, so nothing is sent twice and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import tornado.websocket
+from tornado.iostream import StreamClosedError
+
+from handlers.base import as_im_error
+from models.validation import parse_client_msg_id, parse_json_object
+from server.auth import Principal, verify_token
+from server.errors import IMError, InvalidField, RateLimited
+from server.hub import encode_frame
+from server.services import Services
+
+log = logging.getLogger(__name__)
+
+# A socket whose unsent output grows past this is too slow to keep: it is closed, not buffered forever.
+MAX_PENDING_WRITE_BYTES = 4 * 1024 * 1024
+BACKLOG_FLUSH_EVERY = 100
+
+
+class ChatSocketHandler(tornado.websocket.WebSocketHandler):
+    principal: Principal
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.application.settings["services"]
+        return services
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
+
+    # ---- handshake ----------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Refuse before the upgrade: 401 for a bad token, 429 over the connection caps."""
+        try:
+            self.principal = verify_token(self.get_query_argument("token", None),
+                                          self.services.settings.auth_secret)
+            limits = self.services.settings.limits
+            hub = self.services.hub
+            if hub.count_sockets(self.principal.user_id) >= limits.max_connections_per_user:
+                raise RateLimited(f"too many connections for this user (max {limits.max_connections_per_user})",
+                                  code="too_many_connections")
+            if hub.socket_count >= limits.max_connections_total:
+                raise RateLimited("server connection limit reached", code="too_many_connections")
+        except IMError as exc:
+            self.set_status(exc.status)
+            self.set_header("Content-Type", "application/json; charset=UTF-8")
+            self.finish(json.dumps(exc.envelope()))
+
+    def check_origin(self, origin: str) -> bool:
+        """Browsers send Origin; it must be on the allow-list. Native clients send none (not checked)."""
+        allowed = self.services.settings.allowed_origins
+        if "*" in allowed:
+            return True
+        parts = urlsplit(origin)
+        return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
+
+    async def open(self, *args: str, **kwargs: str) -> None:
+        self._sent_seq: dict[str, int] = {}
+        self._held: list[tuple[str, int, str]] | None = []  # live frames held while the backlog goes out
+        self.services.hub.register(self)
+        log.info("socket opened for %s (%s)", self.user_id, self.principal.role)
+        try:
+            sent = 0
+            async for ref, message in self.services.inbox.backlog(self.user_id):
+                if self._send_if_new(ref.key, message["seq"], encode_frame({"type": "message", "message": message})):
+                    sent += 1
+                    if sent % BACKLOG_FLUSH_EVERY == 0:
+                        await self._flush()
+        except (tornado.websocket.WebSocketClosedError, StreamClosedError):
+            return
+        except Exception as exc:
+            # The database went away mid-backlog: say so and close; the client reconnects and
+            # gets the rest (its received marker has not moved past what it has).
+            log.warning("backlog for %s failed: %s", self.user_id, exc)
+            self.close(1011, "backlog unavailable, reconnect")
+            return
+        held, self._held = self._held, None
+        for key, seq, frame in held or ():
+            self._send_if_new(key, seq, frame)
+        if sent:
+            log.info("sent a backlog of %d messages to %s", sent, self.user_id)
+
+    def on_close(self) -> None:
+        if hasattr(self, "principal"):
+            self.services.hub.unregister(self)
+            log.info("socket closed for %s (code %s)", self.user_id, self.close_code)
+
+    # ---- the hub's side -----------------------------------------------------------------------
+
+    def push_message(self, conversation_key: str, seq: int, frame: str) -> None:
+        if self._held is not None:
+            self._held.append((conversation_key, seq, frame))
+        else:
+            self._send_if_new(conversation_key, seq, frame)
+
+    def note_delivered(self, conversation_key: str, seq: int) -> None:
+        if seq > self._sent_seq.get(conversation_key, 0):
+            self._sent_seq[conversation_key] = seq
+
+    def push_frame(self, frame: str) -> None:
+        self._write(frame)
+
+    def _send_if_new(self, conversation_key: str, seq: int, frame: str) -> bool:
+        if seq <= self._sent_seq.get(conversation_key, 0):
+            return False
+        self._sent_seq[conversation_key] = seq
+        self._write(frame)
+        return True
+
+    def _write(self, frame: str) -> None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        stream = self.ws_connection.stream  # type: ignore[attr-defined]
+        if stream is not None and stream._write_buffer_size > MAX_PENDING_WRITE_BYTES:
+            log.warning("closing a slow socket of %s: %d bytes unsent", self.user_id, stream._write_buffer_size)
+            self.close(1008, "too slow")
+            return
+        try:
+            self.write_message(frame)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+    async def _flush(self) -> None:
+        """Let the kernel take what is queued (back-pressure while sending a long backlog)."""
+        if self.ws_connection is not None and self.ws_connection.stream is not None:  # type: ignore[attr-defined]
+            await self.ws_connection.stream.write(b"")  # type: ignore[attr-defined]
+
+    # ---- client frames ------------------------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        client_msg_id: str | None = None
+        try:
+            if isinstance(message, bytes):
+                raise InvalidField("frame", "binary frames are not supported; send JSON text")
+            frame = parse_json_object(message, "frame")
+            if isinstance(frame.get("clientMsgId"), str):
+                client_msg_id = frame["clientMsgId"]
+            kind = frame.get("type")
+            handler = FRAME_HANDLERS.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise InvalidField("type", f"must be one of {', '.join(sorted(FRAME_HANDLERS))}")
+            await handler(self, frame)
+        except Exception as exc:
+            error = as_im_error(exc)
+            if error is None:
+                log.exception("frame from %s failed", self.user_id)
+                error = IMError("internal error", code="internal_error", status=500)
+            reply: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
+            if client_msg_id is not None:
+                reply["clientMsgId"] = client_msg_id
+            self._write(encode_frame(reply))
+
+    async def _on_send(self, frame: dict[str, Any]) -> None:
+        if parse_client_msg_id(frame) is None:
+            raise InvalidField("clientMsgId", "is required on WebSocket sends")
+        messages = self.services.messages
+        data = {k: v for k, v in frame.items() if k not in ("type", "from")}
+        draft = await (messages.draft_pm if frame["type"] == "pm" else messages.draft_gm)(self.principal, data)
+        self.services.send_limiter.check(self.user_id)
+        message, _created = await messages.send(draft, origin=self)
+        self._write(encode_frame({"type": "ack", "clientMsgId": message["clientMsgId"], "message": message}))
+
+    async def _on_received(self, frame: dict[str, Any]) -> None:
+        await self.services.inbox.mark(self.user_id, frame, read=False)
+
+    async def _on_read(self, frame: dict[str, Any]) -> None:
+        ref, others, cursor = await self.services.inbox.mark(self.user_id, frame, read=True)
+        self.services.hub.send_receipt(ref, self.user_id, cursor["read"], others)
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        self._write(encode_frame({"type": "pong"}))
+
+
+FrameHandler = Callable[[ChatSocketHandler, dict[str, Any]], Awaitable[None]]
+FRAME_HANDLERS: dict[str, FrameHandler] = {
+    "pm": ChatSocketHandler._on_send,
+    "gm": ChatSocketHandler._on_send,
+    "received": ChatSocketHandler._on_received,
+    "read": ChatSocketHandler._on_read,
+    "ping": ChatSocketHandler._on_ping,
+}

@@ -1,0 +1,16 @@
+"""Time as the wire shows it: UTC, ISO 8601 with milliseconds."""
+
+from __future__ import annotations
+
+import datetime
+
+
+def utcnow() -> datetime.datetime:
+    """Now, truncated to milliseconds (what MongoDB stores), so stored and returned values match."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def iso(moment: datetime.datetime) -> str:
+    """e.g. 2026-11-28T05:40:36.123Z"""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

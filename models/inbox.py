@@ -1,0 +1,103 @@
+"""A user's view of its conversations: the list with unread counts, markers, and the backlog."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from models import validation as v
+from models.conversations import ConversationRef, ConversationStore
+from models.groups import GroupStore, NotAMember
+from models.messages import message_to_wire
+from server.errors import InvalidField, NotFound
+
+log = logging.getLogger(__name__)
+
+BACKLOG_PAGE = 200
+
+
+def pm_peer(conv: str, user: str) -> str:
+    """The other party of a pm conversation key (see pm_conv)."""
+    length, _, rest = conv.partition(":")
+    low, high = rest[: int(length)], rest[int(length) + 1:]
+    return high if low == user else low
+
+
+class Inbox:
+    def __init__(self, conversations: ConversationStore, groups: GroupStore):
+        self._conversations = conversations
+        self._groups = groups
+
+    async def resolve(self, user: str, data: Mapping[str, Any]) -> tuple[ConversationRef, list[str]]:
+        """The conversation a marker names ({channel, peer | group}) and who else is in it."""
+        channel = data.get("channel")
+        if channel == "pm":
+            peer = v.require_id(data, "peer")
+            return ConversationRef.pm(user, peer), [peer]
+        if channel == "gm":
+            group_id = v.require_id(data, "group")
+            group = await self._groups.get(group_id)
+            if user not in group["members"]:
+                raise NotAMember(f"group: {user!r} is not a member of {group_id!r}")
+            return ConversationRef.gm(group_id), [m for m in group["members"] if m != user]
+        if channel == "sm":
+            return ConversationRef.sm(user), []
+        raise InvalidField("channel", "must be one of sm, pm, gm")
+
+    async def mark(self, user: str, data: Mapping[str, Any], *, read: bool) -> tuple[ConversationRef, list[str], dict[str, Any]]:
+        """Move the user's received (or read) marker; returns (conversation, others, cursor)."""
+        seq = v.parse_int(data.get("seq"), "seq")
+        ref, others = await self.resolve(user, data)
+        summary = await self._conversations.get_summary(ref)
+        if summary is None:
+            raise NotFound("conversation has no messages yet")
+        # Never beyond the newest message: a later message must still count as unread.
+        seq = min(seq, summary["lastSeq"])
+        cursor = await self._conversations.move_cursor(user, ref, seq, read=read)
+        if read:
+            log.info("read marker of %s in %s moved to %d", user, ref.channel, cursor["read"])
+        return ref, others, cursor
+
+    async def list_conversations(self, user: str) -> list[dict[str, Any]]:
+        group_ids = await self._groups.ids_for_user(user)
+        summaries = await self._conversations.find_summaries(user, group_ids)
+        cursors = await self._conversations.get_cursors(user)
+        out = []
+        for summary in summaries:
+            ref = ConversationRef(summary["channel"], summary["conv"])
+            cursor = cursors.get(ref.key, {})
+            read_seq = cursor.get("read", 0)
+            unread = 0
+            if summary["lastSeq"] > read_seq:
+                unread = await self._conversations.count_unread(ref, user, read_seq)
+            entry: dict[str, Any] = {"channel": ref.channel}
+            if ref.channel == "pm":
+                entry["peer"] = pm_peer(ref.conv, user)
+            elif ref.channel == "gm":
+                entry["group"] = ref.conv
+            entry.update({
+                "lastMessage": message_to_wire(summary["lastMessage"]),
+                "unread": unread,
+                "receivedSeq": cursor.get("received", 0),
+                "readSeq": read_seq,
+            })
+            out.append(entry)
+        out.sort(key=lambda e: e["lastMessage"]["createdAt"], reverse=True)
+        return out
+
+    async def backlog(self, user: str) -> AsyncIterator[tuple[ConversationRef, dict[str, Any]]]:
+        """Every message above the user's received marker, oldest first per conversation."""
+        group_ids = await self._groups.ids_for_user(user)
+        summaries = await self._conversations.find_summaries(user, group_ids)
+        cursors = await self._conversations.get_cursors(user)
+        for summary in summaries:
+            ref = ConversationRef(summary["channel"], summary["conv"])
+            after = cursors.get(ref.key, {}).get("received", 0)
+            while after < summary["lastSeq"]:
+                page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE)
+                if not page:
+                    break
+                for doc in page:
+                    yield ref, message_to_wire(doc)
+                after = page[-1]["seq"]

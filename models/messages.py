@@ -1,0 +1,331 @@
+"""Messages: validation, authorization, dense per-conversation seq, durable store, then publish.
+
+The order of a send is the contract: validate → allocate seq and insert with a journaled write
+concern → advance the conversation summary → publish to live sockets → acknowledge. A message is
+never published or acknowledged before it is stored, and seq has no gaps because a seq exists only
+once its message does (the unique (conv, seq) index turns a concurrent writer into a retry, never
+into a hole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, WriteConcern
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from models import validation as v
+from models.clock import iso, utcnow
+from models.conversations import ConversationRef, ConversationStore
+from models.groups import GroupStore, NotAMember
+from server.auth import Principal
+from server.db import Database
+from server.errors import Forbidden, InvalidField
+from server.inflight import InFlight
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_LIMIT = 50
+MAX_PAGE_LIMIT = 200
+SEQ_RETRIES = 20
+SEQ_CACHE_SIZE = 100_000
+# Stored field order for the wire; `conv` and `_id` are internal.
+WIRE_FIELDS = (
+    "channel", "from", "to", "group", "groupType", "at", "title", "summary", "contentType",
+    "content", "seq", "createdAt", "clientMsgId", "event", "consultationId",
+)
+
+
+def message_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
+    wire: dict[str, Any] = {"id": doc["_id"]}
+    for field in WIRE_FIELDS:
+        if field in doc:
+            wire[field] = doc[field]
+    wire["createdAt"] = iso(doc["createdAt"])
+    return wire
+
+
+class Publisher(Protocol):
+    """Delivers a stored message to live sockets (the hub)."""
+
+    def publish_message(self, ref: ConversationRef, message: dict[str, Any],
+                        recipients: list[str], origin: object | None) -> None: ...
+
+
+@dataclasses.dataclass
+class Draft:
+    """A validated, authorized send waiting for its seq."""
+
+    ref: ConversationRef
+    fields: dict[str, Any]
+    recipients: list[str]
+    summary_members: list[str] | None  # who finds this conversation by membership (pm, sm)
+
+
+class FileChecker(Protocol):
+    async def check_attachable(self, file_id: str, sender: str) -> None: ...
+
+
+class MessageService:
+    def __init__(self, db: Database, write_concern: WriteConcern, conversations: ConversationStore,
+                 groups: GroupStore, publisher: Publisher, max_content_chars: int):
+        self._db = db
+        self._collections = {ch: db.get_collection(ch, write_concern=write_concern) for ch in ("sm", "pm", "gm")}
+        self._conversations = conversations
+        self._groups = groups
+        self._publisher = publisher
+        self._max_content_chars = max_content_chars
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+        self._last_seq: OrderedDict[str, int] = OrderedDict()
+        self.files: FileChecker | None = None
+        self.inflight = InFlight()
+
+    # ---- validation and authorization: one function per channel ------------------------------
+
+    async def _check_content(self, fields: dict[str, Any], data: Mapping[str, Any], sender: str) -> None:
+        content_type, content = v.parse_content(data, self._max_content_chars)
+        fields["contentType"] = content_type
+        fields["content"] = content
+        if content_type in v.MEDIA_CONTENT_TYPES and v.FILE_ID_RE.match(content) and self.files:
+            await self.files.check_attachable(content, sender)
+        client_msg_id = v.parse_client_msg_id(data)
+        if client_msg_id is not None:
+            fields["clientMsgId"] = client_msg_id
+
+    async def draft_pm(self, principal: Principal, data: Mapping[str, Any]) -> Draft:
+        sender = v.optional_id(data, "from") or principal.user_id
+        principal.require_self_or_staff(sender, "from")
+        to = v.require_id(data, "to")
+        if to == sender:
+            raise InvalidField("to", "must differ from the sender")
+        fields: dict[str, Any] = {"channel": "pm", "from": sender, "to": to}
+        await self._check_content(fields, data, sender)
+        pair = sorted({sender, to})
+        return Draft(ConversationRef.pm(sender, to), fields, pair, pair)
+
+    async def draft_gm(self, principal: Principal, data: Mapping[str, Any]) -> Draft:
+        sender = v.optional_id(data, "from") or principal.user_id
+        principal.require_self_or_staff(sender, "from")
+        group_id = v.require_id(data, "group")
+        group_type = v.optional_int(data, "groupType", allow_numeric_string=True, maximum=2**31)
+        at = data.get("at")
+        mentioned = None if at is None else v.parse_id_list(at, "at", max_items=v.MAX_AT_MEMBERS, allow_single=True)
+        fields: dict[str, Any] = {"channel": "gm", "from": sender, "group": group_id}
+        await self._check_content(fields, data, sender)
+        group = await self._groups.get(group_id)
+        if sender not in group["members"]:
+            raise NotAMember(f"from: {sender!r} is not a member of group {group_id!r}")
+        if group_type is not None and group_type != group["groupType"]:
+            raise InvalidField("groupType", f"does not match the group's type {group['groupType']}")
+        fields["groupType"] = group["groupType"]
+        if mentioned is not None:
+            strangers = [m for m in mentioned if m not in group["members"]]
+            if strangers:
+                raise InvalidField("at", f"{strangers[0]!r} is not a member of the group")
+            fields["at"] = mentioned
+        # Keep the original field order of the wire format.
+        ordered = {k: fields[k] for k in WIRE_FIELDS if k in fields}
+        return Draft(ConversationRef.gm(group_id), ordered, list(group["members"]), None)
+
+    async def draft_sm(self, principal: Principal, data: Mapping[str, Any]) -> Draft:
+        principal.require_staff("send system messages")
+        to = v.require_id(data, "to")
+        fields: dict[str, Any] = {"channel": "sm", "from": principal.user_id, "to": to}
+        fields["title"] = v.parse_text(data, "title", max_chars=v.MAX_TITLE_CHARS)
+        fields["summary"] = v.parse_text(data, "summary", max_chars=v.MAX_SUMMARY_CHARS, required=False) or ""
+        await self._check_content(fields, data, principal.user_id)
+        return Draft(ConversationRef.sm(to), fields, [to], [to])
+
+    def draft_event(self, ref: ConversationRef, fields: dict[str, Any], recipients: list[str],
+                    summary_members: list[str] | None) -> Draft:
+        """A system event carried as a message (consultations, membership changes)."""
+        return Draft(ref, fields, recipients, summary_members)
+
+    # ---- storing ------------------------------------------------------------------------------
+
+    async def send(self, draft: Draft, origin: object | None = None) -> tuple[dict[str, Any], bool]:
+        """Store and publish; returns (message, created). A repeated clientMsgId returns the original."""
+        with self.inflight.track():
+            return await self._send(draft, origin)
+
+    async def _send(self, draft: Draft, origin: object | None) -> tuple[dict[str, Any], bool]:
+        ref = draft.ref
+        collection = self._collections[ref.channel]
+        async with self._conversation_lock(ref.key):
+            for _attempt in range(SEQ_RETRIES):
+                seq = await self._next_seq(ref)
+                doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields,
+                       "seq": seq, "createdAt": utcnow()}
+                try:
+                    await collection.insert_one(doc)
+                except DuplicateKeyError:
+                    original = await self._find_by_client_msg_id(draft)
+                    if original is not None:
+                        wire = message_to_wire(original)
+                        if original["conv"] == ref.conv:
+                            # A retry: finish what the first attempt may not have (summary,
+                            # delivery); both are idempotent and sockets drop what they have.
+                            await self._conversations.record_message(ref, original, draft.summary_members)
+                            self._publisher.publish_message(ref, wire, draft.recipients, origin)
+                        return wire, False
+                    self._last_seq.pop(ref.key, None)  # another process took this seq: reload
+                    continue
+                except PyMongoError:
+                    self._last_seq.pop(ref.key, None)  # unknown outcome: reload next time
+                    raise
+                self._remember_seq(ref.key, seq)
+                await self._conversations.record_message(ref, doc, draft.summary_members)
+                wire = message_to_wire(doc)
+                # Published inside the lock so every socket sees a conversation in seq order.
+                self._publisher.publish_message(ref, wire, draft.recipients, origin)
+                return wire, True
+        raise RuntimeError(f"could not allocate a seq for {ref.key} after {SEQ_RETRIES} attempts")
+
+    async def _find_by_client_msg_id(self, draft: Draft) -> dict[str, Any] | None:
+        client_msg_id = draft.fields.get("clientMsgId")
+        if client_msg_id is None:
+            return None
+        return await self._collections[draft.ref.channel].find_one(
+            {"from": draft.fields["from"], "clientMsgId": client_msg_id}
+        )
+
+    async def _next_seq(self, ref: ConversationRef) -> int:
+        last = self._last_seq.get(ref.key)
+        if last is None:
+            newest = await self._collections[ref.channel].find_one(
+                {"conv": ref.conv}, {"seq": 1}, sort=[("seq", DESCENDING)]
+            )
+            last = newest["seq"] if newest else 0
+        return last + 1
+
+    def _remember_seq(self, key: str, seq: int) -> None:
+        self._last_seq[key] = seq
+        self._last_seq.move_to_end(key)
+        if len(self._last_seq) > SEQ_CACHE_SIZE:
+            self._last_seq.popitem(last=False)
+
+    @asynccontextmanager
+    async def _conversation_lock(self, key: str) -> AsyncIterator[None]:
+        """Serialise sends per conversation in this process; dropped when nobody waits."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                del self._locks[key]
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    async def list_messages(self, principal: Principal, channel: str,
+                            query: Mapping[str, str]) -> dict[str, Any]:
+        """A page of messages, oldest first: {"messages": [...], "next": cursor or None}."""
+        limit = parse_limit(query.get("limit"))
+        ref: ConversationRef | None = None
+        convs: list[str] = []
+        if channel == "gm":
+            group_id = v.check_id(query.get("group"), "group") if "group" in query else None
+            if group_id is None:
+                raise InvalidField("group", "is required")
+            await self._groups.get_as_member(group_id, principal)
+            ref = ConversationRef.gm(group_id)
+        else:
+            user = v.check_id(query.get("user_id"), "user_id") if "user_id" in query else None
+            if user is None:
+                raise InvalidField("user_id", "is required")
+            if not principal.is_staff and user != principal.user_id:
+                raise Forbidden("user_id: you may only read your own conversations")
+            if channel == "sm":
+                ref = ConversationRef.sm(user)
+            elif "peer" in query:
+                ref = ConversationRef.pm(user, v.check_id(query.get("peer"), "peer"))
+            else:
+                summaries = await self._conversations.find_summaries(user, [])
+                convs = [s["conv"] for s in summaries if s["channel"] == "pm"]
+
+        if ref is not None:
+            return await self._page_of_conversation(ref, query, limit)
+        for bound in ("after", "before"):
+            if bound in query:
+                raise InvalidField(bound, "needs one conversation: give peer")
+        return await self._page_across(convs, query.get("cursor"), limit)
+
+    async def _page_of_conversation(self, ref: ConversationRef, query: Mapping[str, str],
+                                    limit: int) -> dict[str, Any]:
+        after = _optional_seq(query, "after")
+        before = _optional_seq(query, "before")
+        cursor = query.get("cursor")
+        if cursor is not None:
+            match = re.fullmatch(r"([ab])([0-9]{1,16})", cursor)
+            if not match:
+                raise InvalidField("cursor", "is not a cursor this server issued")
+            if match.group(1) == "a":
+                after = int(match.group(2))
+            else:
+                before = int(match.group(2))
+        seq_filter: dict[str, int] = {}
+        if after is not None:
+            seq_filter["$gt"] = after
+        if before is not None:
+            seq_filter["$lt"] = before
+        filter_: dict[str, Any] = {"conv": ref.conv}
+        if seq_filter:
+            filter_["seq"] = seq_filter
+        backwards = before is not None and after is None
+        found = self._db[ref.channel].find(filter_).sort("seq", DESCENDING if backwards else ASCENDING)
+        docs = [doc async for doc in found.limit(limit + 1)]
+        more = len(docs) > limit
+        docs = docs[:limit]
+        if backwards:
+            docs.reverse()
+        next_cursor = None
+        if more and docs:
+            next_cursor = f"b{docs[0]['seq']}" if backwards else f"a{docs[-1]['seq']}"
+        return {"messages": [message_to_wire(d) for d in docs], "next": next_cursor}
+
+    async def _page_across(self, convs: list[str], cursor: str | None, limit: int) -> dict[str, Any]:
+        """Several conversations at once, ordered by id (ids grow with time)."""
+        filter_: dict[str, Any] = {"conv": {"$in": convs}}
+        if cursor is not None:
+            if not re.fullmatch(r"i[0-9a-f]{24}", cursor):
+                raise InvalidField("cursor", "is not a cursor this server issued")
+            filter_["_id"] = {"$gt": cursor[1:]}
+        if not convs:
+            return {"messages": [], "next": None}
+        found = self._db.pm.find(filter_).sort("_id", ASCENDING).limit(limit + 1)
+        docs = [doc async for doc in found]
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return {"messages": [message_to_wire(d) for d in docs],
+                "next": f"i{docs[-1]['_id']}" if more and docs else None}
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE_LIMIT
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
+        raise InvalidField("limit", f"must be an integer from 1 to {MAX_PAGE_LIMIT}")
+    return min(int(raw), MAX_PAGE_LIMIT)
+
+
+def _optional_seq(query: Mapping[str, str], field: str) -> int | None:
+    raw = query.get(field)
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,16}", raw):
+        raise InvalidField(field, "must be a non-negative integer seq")
+    return int(raw)

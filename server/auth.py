@@ -1,0 +1,71 @@
+"""JWT verification shared by REST and WebSocket, and the roles that decide who may do what."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jwt
+
+from models.validation import is_valid_id
+from server.errors import Forbidden, Unauthenticated
+
+ROLES = ("doctor", "patient", "service", "admin")
+STAFF_ROLES = frozenset({"service", "admin"})
+ALGORITHM = "HS256"
+DEFAULT_TTL_SECS = 24 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's subject and role."""
+
+    user_id: str
+    role: str
+
+    @property
+    def is_staff(self) -> bool:
+        """service (the platform back end acting for users) and admin (operations)."""
+        return self.role in STAFF_ROLES
+
+    def require_staff(self, action: str) -> None:
+        if not self.is_staff:
+            raise Forbidden(f"only service or admin tokens may {action}")
+
+    def require_self_or_staff(self, user_id: str, field: str) -> None:
+        """A doctor or patient acts only as itself; staff may act for anyone."""
+        if not self.is_staff and user_id != self.user_id:
+            raise Forbidden(f"{field} must be the token's own user")
+
+
+def verify_token(token: str | None, secret: str) -> Principal:
+    """Decode and check a JWT; raise Unauthenticated for anything not usable."""
+    if not token:
+        raise Unauthenticated("missing token")
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],  # pinned: never accept "none" or an algorithm the token picks
+            options={"require": ["sub", "role", "exp"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired") from None
+    except jwt.InvalidTokenError:
+        raise Unauthenticated("invalid token") from None
+    sub, role = claims.get("sub"), claims.get("role")
+    if not is_valid_id(sub):
+        raise Unauthenticated("invalid token: bad sub")
+    if role not in ROLES:
+        raise Unauthenticated("invalid token: bad role")
+    return Principal(user_id=sub, role=role)
+
+
+def mint_token(secret: str, sub: str, role: str, ttl_secs: int = DEFAULT_TTL_SECS) -> str:
+    """Sign a token (the platform back end does this in production; tests and the CLI here)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not is_valid_id(sub):
+        raise ValueError("sub must be a 1-128 character id not starting with '$'")
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "role": role, "iat": now, "exp": now + ttl_secs}, secret, ALGORITHM)

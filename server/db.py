@@ -1,0 +1,94 @@
+"""The one AsyncMongoClient per process, start-up wait, and the indexes every query relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, PyMongoError
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+MESSAGE_COLLECTIONS = ("sm", "pm", "gm")
+# Short selection timeout: during an outage a request fails fast with 503 instead of hanging.
+SERVER_SELECTION_TIMEOUT_MS = 3000
+OPERATION_TIMEOUT_MS = 10000
+
+Database = AsyncDatabase[dict[str, Any]]
+
+
+def create_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
+    """Build the client; it connects lazily on the running loop."""
+    return AsyncMongoClient(
+        settings.mongo_uri,
+        serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+        timeoutMS=OPERATION_TIMEOUT_MS,
+        tz_aware=True,
+        appname="im-server",
+    )
+
+
+def message_write_concern(settings: Settings) -> WriteConcern:
+    """Journaled (and majority, where configured) writes before a message is acknowledged."""
+    if settings.write_concern_w is not None:
+        return WriteConcern(w=settings.write_concern_w, j=settings.write_concern_j)
+    return WriteConcern(j=settings.write_concern_j)
+
+
+async def wait_for_database(client: AsyncMongoClient[dict[str, Any]], timeout_secs: float) -> None:
+    """Ping until the database answers; raise ConnectionFailure after timeout_secs."""
+    deadline = time.monotonic() + timeout_secs
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await client.admin.command("ping")
+            return
+        except ConnectionFailure as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("database not reachable yet (attempt %d): %s", attempt, exc)
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+async def is_database_healthy(db: Database) -> bool:
+    try:
+        await db.command("ping")
+        return True
+    except PyMongoError:
+        return False
+
+
+async def ensure_indexes(db: Database) -> None:
+    """Create every index the server needs; create_indexes is idempotent."""
+    for name in MESSAGE_COLLECTIONS:
+        await db[name].create_indexes([
+            # seq is dense per conversation; the unique index is what makes concurrent writers
+            # from several processes safe (a loser retries with the next seq).
+            IndexModel([("conv", ASCENDING), ("seq", ASCENDING)], unique=True, name="conv_seq"),
+            # Idempotent sends: one message per (sender, clientMsgId).
+            IndexModel(
+                [("from", ASCENDING), ("clientMsgId", ASCENDING)],
+                unique=True,
+                name="sender_client_msg_id",
+                partialFilterExpression={"clientMsgId": {"$exists": True}},
+            ),
+        ])
+    await db.conversations.create_indexes([
+        IndexModel([("members", ASCENDING)], name="members"),
+    ])
+    await db.cursors.create_indexes([
+        IndexModel([("user", ASCENDING), ("channel", ASCENDING), ("conv", ASCENDING)],
+                   unique=True, name="user_conversation"),
+    ])
+    await db.groups.create_indexes([IndexModel([("members", ASCENDING)], name="members")])
+    await db.consultations.create_indexes([
+        IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
+        IndexModel([("patient", ASCENDING), ("startedAt", DESCENDING)], name="patient_started"),
+    ])

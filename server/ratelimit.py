@@ -1,0 +1,33 @@
+"""Per-user send rate: a token bucket in memory, shared by REST and WebSocket sends."""
+
+from __future__ import annotations
+
+import time
+
+from server.errors import RateLimited
+
+IDLE_BUCKETS_SWEEP = 10_000
+
+
+class SendRateLimiter:
+    def __init__(self, rate_per_sec: float, burst: int):
+        self.rate_per_sec = rate_per_sec
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, last refill time)
+
+    def check(self, user_id: str) -> None:
+        """Take one token for user_id or raise RateLimited."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(user_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_sec)
+        if tokens < 1.0:
+            self._buckets[user_id] = (tokens, now)
+            raise RateLimited(f"too many messages: at most {self.rate_per_sec:g} per second")
+        self._buckets[user_id] = (tokens - 1.0, now)
+        if len(self._buckets) > IDLE_BUCKETS_SWEEP:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that have refilled completely; they carry no state."""
+        full_after = self.burst / self.rate_per_sec if self.rate_per_sec > 0 else float("inf")
+        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < full_after}

@@ -1,0 +1,58 @@
+"""Everything handlers share, built once per process and hung off the application."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from models.conversations import ConversationStore
+from models.groups import GroupStore
+from models.inbox import Inbox
+from models.messages import MessageService
+from models.presence import Presence
+from server.config import Settings
+from server.db import Database, message_write_concern
+from server.hub import Hub
+from server.ratelimit import SendRateLimiter
+
+
+@dataclasses.dataclass
+class Services:
+    settings: Settings
+    client: AsyncMongoClient[dict[str, Any]]
+    db: Database
+    hub: Hub
+    groups: GroupStore
+    conversations: ConversationStore
+    messages: MessageService
+    inbox: Inbox
+    presence: Presence
+    send_limiter: SendRateLimiter
+    started_at: float
+
+
+def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]]) -> Services:
+    db = client[settings.db_name]
+    presence = Presence(db)
+    hub = Hub(on_first_socket=presence.user_came_online, on_last_socket=presence.user_went_offline)
+    presence.hub = hub
+    groups = GroupStore(db)
+    conversations = ConversationStore(db)
+    messages = MessageService(db, message_write_concern(settings), conversations, groups, hub,
+                              settings.limits.max_content_chars)
+    return Services(
+        settings=settings,
+        client=client,
+        db=db,
+        hub=hub,
+        groups=groups,
+        conversations=conversations,
+        messages=messages,
+        inbox=Inbox(conversations, groups),
+        presence=presence,
+        send_limiter=SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst),
+        started_at=time.monotonic(),
+    )

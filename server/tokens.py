@@ -1,0 +1,31 @@
+"""Mint a development token: python -m server.tokens --sub Rose --role doctor"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from server.auth import DEFAULT_TTL_SECS, ROLES, mint_token
+from server.config import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m server.tokens",
+        description="Print a JWT signed with the current profile's secret (IM_PROFILE, IM_AUTH_SECRET).",
+    )
+    parser.add_argument("--sub", required=True, help="user id")
+    parser.add_argument("--role", required=True, choices=ROLES)
+    parser.add_argument("--ttl", type=int, default=DEFAULT_TTL_SECS, help="lifetime in seconds")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        print(mint_token(settings.auth_secret, args.sub, args.role, args.ttl))
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
