@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import tornado.websocket
-from tornado.iostream import StreamClosedError
+from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from handlers.base import as_im_error
 from models.validation import parse_client_msg_id, parse_json_object
@@ -74,6 +74,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     async def open(self, *args: str, **kwargs: str) -> None:
         self._sent_seq: dict[str, int] = {}
         self._held: list[tuple[str, int, str]] | None = []  # live frames held while the backlog goes out
+        stream = getattr(self.ws_connection, "stream", None)
+        if stream is not None:
+            stream.max_write_buffer_size = MAX_PENDING_WRITE_BYTES
         self.services.hub.register(self)
         log.info("socket opened for %s (%s)", self.user_id, self.principal.role)
         try:
@@ -127,15 +130,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def _write(self, frame: str) -> None:
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
-        stream = self.ws_connection.stream  # type: ignore[attr-defined]
-        if stream is not None and stream._write_buffer_size > MAX_PENDING_WRITE_BYTES:
-            log.warning("closing a slow socket of %s: %d bytes unsent", self.user_id, stream._write_buffer_size)
-            self.close(1008, "too slow")
-            return
         try:
             self.write_message(frame)
         except tornado.websocket.WebSocketClosedError:
             pass
+        except StreamBufferFullError:
+            log.warning("closing a slow socket of %s: over %d bytes unsent", self.user_id, MAX_PENDING_WRITE_BYTES)
+            self.close(1008, "too slow")
 
     async def _flush(self) -> None:
         """Let the kernel take what is queued (back-pressure while sending a long backlog)."""

@@ -44,7 +44,7 @@ class Settings:
     write_concern_w: int | str | None = None
     limits: Limits = Limits()
     ping_interval_secs: float = 20.0
-    ping_timeout_secs: float = 60.0
+    ping_timeout_secs: float = 15.0
     # How long start-up waits for the database before giving up (supervisord then restarts us).
     db_startup_timeout_secs: float = 30.0
     shutdown_timeout_secs: float = 8.0
@@ -102,5 +102,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         write_concern_w=write_concern.get("w"),
         limits=limits,
         ping_interval_secs=float(websocket.get("ping_interval_secs", 20)),
-        ping_timeout_secs=float(websocket.get("ping_timeout_secs", 60)),
+        ping_timeout_secs=float(websocket.get("ping_timeout_secs", 15)),
     )
