@@ -8,8 +8,11 @@ from typing import Any
 import tornado.web
 
 from handlers.chats import ChatsHandler
+from handlers.consultations import ConsultationEndHandler, ConsultationsHandler
 from handlers.conversations import ConversationsHandler, ReadMarkerHandler
+from handlers.groups import GroupHandler, GroupMemberHandler, GroupMembersHandler, GroupsHandler
 from handlers.status import StatusHandler
+from handlers.users import PresenceHandler, UserGroupsHandler
 from handlers.ws import ChatSocketHandler
 
 
@@ -18,6 +21,14 @@ def default_handlers(sdk_dir: Path) -> list[Any]:
         (r"/api/v1/chats/(sm|pm|gm)", ChatsHandler),
         (r"/api/v1/conversations", ConversationsHandler),
         (r"/api/v1/conversations/read", ReadMarkerHandler),
+        (r"/api/v1/groups", GroupsHandler),
+        (r"/api/v1/groups/([^/]+)", GroupHandler),
+        (r"/api/v1/groups/([^/]+)/members", GroupMembersHandler),
+        (r"/api/v1/groups/([^/]+)/members/([^/]+)", GroupMemberHandler),
+        (r"/api/v1/users/([^/]+)/groups", UserGroupsHandler),
+        (r"/api/v1/users/([^/]+)/presence", PresenceHandler),
+        (r"/api/v1/consultations", ConsultationsHandler),
+        (r"/api/v1/consultations/([^/]+)/end", ConsultationEndHandler),
         (r"/api/v1/status", StatusHandler),
         (r"/ws", ChatSocketHandler),
         (r"/sdk/(.*)", tornado.web.StaticFileHandler, {"path": str(sdk_dir)}),

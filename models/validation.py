@@ -25,7 +25,8 @@ MAX_AT_MEMBERS = 500
 MAX_GROUP_MEMBERS = 5000
 MAX_GROUP_NAME_CHARS = 200
 MAX_SEQ = 2**53  # fits JSON numbers in every client
-FILE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")  # ids the server generates (ObjectId hex)
+FILE_ID_RE = OBJECT_ID_RE
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -8,9 +8,11 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from models.consultations import ConsultationService
 from models.conversations import ConversationStore
 from models.groups import GroupStore
 from models.inbox import Inbox
+from models.membership import GroupService
 from models.messages import MessageService
 from models.presence import Presence
 from server.config import Settings
@@ -29,6 +31,8 @@ class Services:
     conversations: ConversationStore
     messages: MessageService
     inbox: Inbox
+    group_service: GroupService
+    consultations: ConsultationService
     presence: Presence
     send_limiter: SendRateLimiter
     started_at: float
@@ -52,6 +56,8 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
         conversations=conversations,
         messages=messages,
         inbox=Inbox(conversations, groups),
+        group_service=GroupService(groups, conversations, messages),
+        consultations=ConsultationService(db, messages),
         presence=presence,
         send_limiter=SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst),
         started_at=time.monotonic(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -121,8 +122,12 @@ def token(settings):
 
 
 @pytest.fixture
-def api(http_client, base_url, token) -> Api:
-    return Api(http_client, base_url, token)
+def api(http_client, base_url, token, io_loop) -> Iterator[Api]:
+    client = Api(http_client, base_url, token)
+    yield client
+    for conn in client.sockets:
+        conn.close()
+    io_loop.run_sync(lambda: asyncio.sleep(0.01))  # let the closes reach the server
 
 
 @pytest.fixture

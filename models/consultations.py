@@ -1,0 +1,122 @@
+"""Consultations: an episode of care between one doctor and one patient (SPEC §6).
+
+Starting and ending one posts a system event into the doctor-patient pm conversation; its `from`
+records the operator (the doctor, the patient, or staff named explicitly by a service token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bson import ObjectId
+from pymongo import DESCENDING, ReturnDocument
+
+from models import validation as v
+from models.clock import iso, utcnow
+from models.conversations import ConversationRef
+from models.messages import MessageService
+from server.auth import Principal
+from server.db import Database
+from server.errors import Conflict, Forbidden, InvalidField, NotFound
+
+EVENT_STARTED = "consultation.started"
+EVENT_ENDED = "consultation.ended"
+STATUSES = ("open", "closed")
+
+
+def consultation_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": doc["_id"],
+        "doctor": doc["doctor"],
+        "patient": doc["patient"],
+        "status": doc["status"],
+        "startedAt": iso(doc["startedAt"]),
+        "startedBy": doc["startedBy"],
+        "endedAt": iso(doc["endedAt"]) if doc.get("endedAt") else None,
+        "endedBy": doc.get("endedBy"),
+    }
+
+
+class ConsultationService:
+    def __init__(self, db: Database, messages: MessageService):
+        self._consultations = db.consultations
+        self._messages = messages
+
+    def _operator(self, principal: Principal, data: Mapping[str, Any], parties: tuple[str, str]) -> str:
+        """Staff name the operator explicitly; anyone else is the operator and must be a party."""
+        if principal.is_staff:
+            return v.require_id(data, "operator")
+        if data.get("operator") is not None and data["operator"] != principal.user_id:
+            raise Forbidden("operator: only service or admin tokens may name another operator")
+        if principal.user_id not in parties:
+            raise Forbidden("only the consultation's doctor or patient (or staff) may do this")
+        return principal.user_id
+
+    async def start(self, principal: Principal, data: Mapping[str, Any]) -> dict[str, Any]:
+        doctor = v.require_id(data, "doctor")
+        patient = v.require_id(data, "patient")
+        if doctor == patient:
+            raise InvalidField("patient", "must differ from the doctor")
+        operator = self._operator(principal, data, (doctor, patient))
+        if principal.role == "doctor" and principal.user_id != doctor:
+            raise Forbidden("doctor: a doctor starts consultations as itself")
+        if principal.role == "patient" and principal.user_id != patient:
+            raise Forbidden("patient: a patient starts consultations as itself")
+        if await self._consultations.find_one({"doctor": doctor, "patient": patient, "status": "open"}):
+            raise Conflict("a consultation between this doctor and patient is already open",
+                           code="consultation_open")
+        doc = {"_id": str(ObjectId()), "doctor": doctor, "patient": patient, "status": "open",
+               "startedAt": utcnow(), "startedBy": operator, "endedAt": None, "endedBy": None}
+        await self._consultations.insert_one(doc)
+        await self._announce(doc, operator, EVENT_STARTED, f"Consultation started by {operator}")
+        return consultation_to_wire(doc)
+
+    async def end(self, principal: Principal, consultation_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        existing = await self._get(consultation_id)
+        operator = self._operator(principal, data, (existing["doctor"], existing["patient"]))
+        ended = await self._consultations.find_one_and_update(
+            {"_id": consultation_id, "status": "open"},
+            {"$set": {"status": "closed", "endedAt": utcnow(), "endedBy": operator}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if ended is None:
+            raise Conflict("consultation is already closed", code="consultation_closed")
+        await self._announce(ended, operator, EVENT_ENDED, f"Consultation ended by {operator}")
+        return consultation_to_wire(ended)
+
+    async def list_for_user(self, principal: Principal, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        if "user_id" not in query:
+            raise InvalidField("user_id", "is required")
+        user = v.check_id(query["user_id"], "user_id")
+        principal.require_self_or_staff(user, "user_id")
+        filter_: dict[str, Any] = {"$or": [{"doctor": user}, {"patient": user}]}
+        status = query.get("status")
+        if status is not None:
+            if status not in STATUSES:
+                raise InvalidField("status", "must be open or closed")
+            filter_["status"] = status
+        found = self._consultations.find(filter_).sort("startedAt", DESCENDING).limit(500)
+        return [consultation_to_wire(doc) async for doc in found]
+
+    async def _get(self, consultation_id: str) -> dict[str, Any]:
+        doc = None
+        if v.OBJECT_ID_RE.match(consultation_id):  # anything else cannot exist
+            doc = await self._consultations.find_one({"_id": consultation_id})
+        if doc is None:
+            raise NotFound(f"consultation {consultation_id!r} does not exist")
+        return doc
+
+    async def _announce(self, consultation: Mapping[str, Any], operator: str, event: str, content: str) -> None:
+        """The event message in the doctor-patient conversation, sent by the system for the operator."""
+        doctor, patient = consultation["doctor"], consultation["patient"]
+        to = patient if operator == doctor else doctor
+        fields = {
+            "channel": "pm", "from": operator, "to": to, "contentType": 1, "content": content,
+            "event": event, "consultationId": consultation["_id"],
+            # Makes a retried announcement idempotent: one event message per consultation and event.
+            "clientMsgId": f"{event}:{consultation['_id']}",
+        }
+        pair = sorted({doctor, patient})
+        draft = self._messages.draft_event(ConversationRef.pm(doctor, patient), fields, pair, pair)
+        await self._messages.send(draft)
