@@ -11,6 +11,12 @@ def utcnow() -> datetime.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def iso(moment: datetime.datetime) -> str:
-    """e.g. 2026-11-28T05:40:36.123Z"""
+def iso(moment: datetime.datetime | str) -> str:
+    """e.g. 2026-11-28T05:40:36.123Z
+
+    Strings are accepted because the embedded nx-27017 returns a date written by `$set` on an
+    existing document as "YYYY-MM-DD HH:MM:SS.ffffff" (UTC); MongoDB returns a datetime.
+    """
+    if isinstance(moment, str):
+        moment = datetime.datetime.fromisoformat(moment)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -84,12 +84,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if len(secret) < MIN_SECRET_CHARS:
         raise ConfigError(f"IM_AUTH_SECRET is too short: use at least {MIN_SECRET_CHARS} characters")
 
+    startup_text = env.get("IM_DB_STARTUP_TIMEOUT_SECS")
+    db_startup_timeout = raw.get("db_startup_timeout_secs", 30.0)
+    if startup_text is not None:
+        try:
+            db_startup_timeout = float(startup_text)
+        except ValueError:
+            raise ConfigError(f"invalid IM_DB_STARTUP_TIMEOUT_SECS {startup_text!r}: expected seconds") from None
+
     write_concern = raw.get("write_concern", {})
     websocket = raw.get("websocket", {})
     try:
         limits = Limits(**raw.get("limits", {}))
     except TypeError as exc:
         raise ConfigError(f"bad [limits] in {path}: {exc}") from None
+    ping_interval = float(websocket.get("ping_interval_secs", 20))
+    ping_timeout = float(websocket.get("ping_timeout_secs", 15))
+    if not 0 < ping_timeout <= ping_interval:
+        raise ConfigError(f"bad [websocket] in {path}: ping_timeout_secs must be > 0 and <= ping_interval_secs")
     return Settings(
         profile=profile,
         port=port,
@@ -101,6 +113,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         write_concern_j=bool(write_concern.get("j", True)),
         write_concern_w=write_concern.get("w"),
         limits=limits,
-        ping_interval_secs=float(websocket.get("ping_interval_secs", 20)),
-        ping_timeout_secs=float(websocket.get("ping_timeout_secs", 15)),
+        ping_interval_secs=ping_interval,
+        ping_timeout_secs=ping_timeout,
+        db_startup_timeout_secs=float(db_startup_timeout),
     )
