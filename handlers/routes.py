@@ -10,6 +10,7 @@ import tornado.web
 from handlers.chats import ChatsHandler
 from handlers.consultations import ConsultationEndHandler, ConsultationsHandler
 from handlers.conversations import ConversationsHandler, ReadMarkerHandler
+from handlers.files import FileDownloadHandler, FileUploadHandler
 from handlers.groups import GroupHandler, GroupMemberHandler, GroupMembersHandler, GroupsHandler
 from handlers.status import StatusHandler
 from handlers.users import PresenceHandler, UserGroupsHandler
@@ -29,6 +30,8 @@ def default_handlers(sdk_dir: Path) -> list[Any]:
         (r"/api/v1/users/([^/]+)/presence", PresenceHandler),
         (r"/api/v1/consultations", ConsultationsHandler),
         (r"/api/v1/consultations/([^/]+)/end", ConsultationEndHandler),
+        (r"/api/v1/files", FileUploadHandler),
+        (r"/api/v1/files/([^/]+)", FileDownloadHandler),
         (r"/api/v1/status", StatusHandler),
         (r"/ws", ChatSocketHandler),
         (r"/sdk/(.*)", tornado.web.StaticFileHandler, {"path": str(sdk_dir)}),

@@ -79,6 +79,9 @@ async def ensure_indexes(db: Database) -> None:
                 name="sender_client_msg_id",
                 partialFilterExpression={"clientMsgId": {"$exists": True}},
             ),
+            # Who may read an attachment: messages whose content is the file id (models/files.py).
+            IndexModel([("content", ASCENDING)], name="media_content",
+                       partialFilterExpression={"contentType": {"$gte": 2, "$lte": 3}}),
         ])
     await db.conversations.create_indexes([
         IndexModel([("members", ASCENDING)], name="members"),

@@ -10,6 +10,7 @@ from pymongo import AsyncMongoClient
 
 from models.consultations import ConsultationService
 from models.conversations import ConversationStore
+from models.files import FileStore
 from models.groups import GroupStore
 from models.inbox import Inbox
 from models.membership import GroupService
@@ -30,6 +31,7 @@ class Services:
     groups: GroupStore
     conversations: ConversationStore
     messages: MessageService
+    files: FileStore
     inbox: Inbox
     group_service: GroupService
     consultations: ConsultationService
@@ -47,6 +49,7 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
     conversations = ConversationStore(db)
     messages = MessageService(db, message_write_concern(settings), conversations, groups, hub,
                               settings.limits.max_content_chars)
+    messages.files = files = FileStore(db, message_write_concern(settings))
     return Services(
         settings=settings,
         client=client,
@@ -55,6 +58,7 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
         groups=groups,
         conversations=conversations,
         messages=messages,
+        files=files,
         inbox=Inbox(conversations, groups),
         group_service=GroupService(groups, conversations, messages),
         consultations=ConsultationService(db, messages),
