@@ -1,0 +1,167 @@
+"""Scenario 1, REST → WebSocket: D doctors POST pm messages (bounded concurrency) to R connected patients.
+
+Figures: delivered messages per second end to end (first POST start → last socket receipt), latency
+from POST start to socket receipt (p50/p95/p99), lost (accepted with 201 but never received),
+duplicates, and the CPU each process used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import connect
+
+from bench.harness import CpuMeter, Stack, latency_figures, token, ws_connect_kwargs
+
+
+class Receivers:
+    """R patient sockets; records the first receipt time of each clientMsgId, counts duplicates."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, float] = {}
+        self.duplicates = 0
+        self.other_frames = 0
+        self.conns: list[Any] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.progress = asyncio.Event()
+
+    async def open(self, ws_url: str, users: list[str]) -> None:
+        async def one(user: str) -> None:
+            conn = await connect(f"{ws_url}?token={token(user, 'patient')}", **ws_connect_kwargs())
+            self.conns.append(conn)
+            self.tasks.append(asyncio.create_task(self._read(conn)))
+
+        await asyncio.gather(*(one(u) for u in users))
+
+    async def _read(self, conn: Any) -> None:
+        try:
+            async for raw in conn:
+                now = time.perf_counter()
+                frame = json.loads(raw)
+                if frame.get("type") != "message":
+                    self.other_frames += 1
+                    continue
+                cid = frame["message"].get("clientMsgId")
+                if cid is None:
+                    continue
+                if cid in self.received:
+                    self.duplicates += 1
+                else:
+                    self.received[cid] = now
+                    self.progress.set()
+        except Exception:
+            pass
+
+    async def wait_for(self, wanted: set[str], timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while not wanted <= self.received.keys() and time.perf_counter() < deadline:
+            self.progress.clear()
+            try:
+                await asyncio.wait_for(self.progress.wait(), 0.2)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.conns), return_exceptions=True)
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patients: list[str],
+                   messages: int, concurrency: int, tag: str) -> dict[str, Any]:
+    headers = {d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"}
+               for d in doctors}
+    url = stack.base_url + "/api/v1/chats/pm"
+    started: dict[str, float] = {}
+    accepted: set[str] = set()
+    errors: dict[str, int] = {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(messages):
+        queue.put_nowait(i)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            doctor = doctors[i % len(doctors)]
+            patient = patients[(i // len(doctors)) % len(patients)]
+            cid = f"{tag}-{i}"
+            body = json.dumps({"from": doctor, "to": patient, "contentType": 1,
+                               "content": f"bench message {i}", "clientMsgId": cid})
+            started[cid] = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers[doctor]) as resp:
+                    await resp.read()
+                    if resp.status == 201:
+                        accepted.add(cid)
+                    else:
+                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    with CpuMeter(stack) as cpu:
+        t0 = time.perf_counter()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        posts_done = time.perf_counter()
+        await receivers.wait_for(accepted, timeout=15)
+    got = [cid for cid in accepted if cid in receivers.received]
+    lat = [receivers.received[cid] - started[cid] for cid in got]
+    last = max((receivers.received[c] for c in got), default=t0)
+    result: dict[str, Any] = {
+        "sent": messages, "accepted": len(accepted), "delivered": len(got),
+        "lost": len(accepted) - len(got), "errors": errors,
+        "msgs_per_s": round(len(got) / (last - t0), 1) if got else 0.0,
+        "posts_per_s": round(len(accepted) / (posts_done - t0), 1),
+        **latency_figures(lat), **cpu.summary(),
+    }
+    return result
+
+
+async def scenario(stack: Stack, repeats: int, *, doctors: int = 10, patients: int = 100,
+                   messages: int = 3000, concurrency: int = 64, warmup: int = 300) -> list[dict[str, Any]]:
+    doctor_ids = [f"s1-doc-{i}" for i in range(doctors)]
+    patient_ids = [f"s1-pat-{i}" for i in range(patients)]
+    receivers = Receivers()
+    await receivers.open(stack.ws_url, patient_ids)
+    stack.wait_sockets(patients)
+    results = []
+    try:
+        if warmup:
+            await run_once(stack, receivers, doctor_ids, patient_ids, warmup, concurrency, "s1-warm")
+        for r in range(repeats):
+            res = await run_once(stack, receivers, doctor_ids, patient_ids, messages, concurrency, f"s1-r{r}")
+            res.update({"doctors": doctors, "patients": patients, "concurrency": concurrency})
+            res["duplicates"] = receivers.duplicates
+            results.append(res)
+            print(f"  s1 run {r + 1}: {json.dumps(res)}", flush=True)
+    finally:
+        await receivers.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--doctors", type=int, default=10)
+    parser.add_argument("--patients", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    with Stack("s1") as stack:
+        asyncio.run(scenario(stack, args.repeats, doctors=args.doctors, patients=args.patients,
+                             messages=args.messages, concurrency=args.concurrency))
+
+
+if __name__ == "__main__":
+    main()
