@@ -19,10 +19,12 @@ import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from handlers.base import as_im_error
+from models.conversations import ConversationRef
 from models.validation import parse_client_msg_id, parse_json_object
 from server.auth import Principal, verify_token
 from server.errors import IMError, InvalidField, RateLimited
 from server.hub import encode_frame
+from server.ordering import InOrderDelivery
 from server.services import Services
 
 log = logging.getLogger(__name__)
@@ -72,20 +74,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
 
     async def open(self, *args: str, **kwargs: str) -> None:
-        self._sent_seq: dict[str, int] = {}
-        self._held: list[tuple[str, int, str]] | None = []  # live frames held while the backlog goes out
+        self._delivery = InOrderDelivery(self._write, self._fetch_missing)
+        # Live frames are held while the backlog goes out, then offered after it.
+        self._held: list[tuple[str, int, str]] | None = []
         stream = getattr(self.ws_connection, "stream", None)
         if stream is not None:
             stream.max_write_buffer_size = MAX_PENDING_WRITE_BYTES
         self.services.hub.register(self)
         log.info("socket opened for %s (%s)", self.user_id, self.principal.role)
         try:
-            sent = 0
-            async for ref, message in self.services.inbox.backlog(self.user_id):
-                if self._send_if_new(ref.key, message["seq"], encode_frame({"type": "message", "message": message})):
-                    sent += 1
-                    if sent % BACKLOG_FLUSH_EVERY == 0:
-                        await self._flush()
+            sent = await self._send_backlog()
         except (tornado.websocket.WebSocketClosedError, StreamClosedError):
             return
         except Exception as exc:
@@ -96,13 +94,39 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return
         held, self._held = self._held, None
         for key, seq, frame in held or ():
-            self._send_if_new(key, seq, frame)
+            self._delivery.offer(key, seq, frame)
         if sent:
             log.info("sent a backlog of %d messages to %s", sent, self.user_id)
+
+    async def _send_backlog(self) -> int:
+        """Every message above the user's received marker, oldest first per conversation."""
+        inbox = self.services.inbox
+        plan = await inbox.backlog_plan(self.user_id)
+        for ref, received, _newest in plan:
+            self._delivery.set_baseline(ref.key, received)
+        sent = 0
+        for ref, received, newest in plan:
+            if newest <= received:
+                continue
+            async for message in inbox.messages_after(ref, received):
+                frame = encode_frame({"type": "message", "message": message})
+                if self._delivery.offer(ref.key, message["seq"], frame):
+                    sent += 1
+                    if sent % BACKLOG_FLUSH_EVERY == 0:
+                        await self._flush()
+        return sent
+
+    async def _fetch_missing(self, key: str, after: int, before: int) -> list[tuple[int, str]]:
+        """Messages a socket skipped (see server/ordering.py), read back from the database."""
+        ref = ConversationRef.from_key(key)
+        return [(m["seq"], encode_frame({"type": "message", "message": m}))
+                async for m in self.services.inbox.messages_after(ref, after, before)]
 
     def on_close(self) -> None:
         if hasattr(self, "principal"):
             self.services.hub.unregister(self)
+            if hasattr(self, "_delivery"):
+                self._delivery.close()
             log.info("socket closed for %s (code %s)", self.user_id, self.close_code)
 
     # ---- the hub's side -----------------------------------------------------------------------
@@ -111,21 +135,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if self._held is not None:
             self._held.append((conversation_key, seq, frame))
         else:
-            self._send_if_new(conversation_key, seq, frame)
+            self._delivery.offer(conversation_key, seq, frame)
 
     def note_delivered(self, conversation_key: str, seq: int) -> None:
-        if seq > self._sent_seq.get(conversation_key, 0):
-            self._sent_seq[conversation_key] = seq
+        self._delivery.note_delivered(conversation_key, seq)
 
     def push_frame(self, frame: str) -> None:
         self._write(frame)
-
-    def _send_if_new(self, conversation_key: str, seq: int, frame: str) -> bool:
-        if seq <= self._sent_seq.get(conversation_key, 0):
-            return False
-        self._sent_seq[conversation_key] = seq
-        self._write(frame)
-        return True
 
     def _write(self, frame: str) -> None:
         if self.ws_connection is None or self.ws_connection.is_closing():

@@ -38,6 +38,16 @@ class ConversationRef:
         return f"{self.channel}:{self.conv}"
 
     @classmethod
+    def from_key(cls, key: str) -> ConversationRef:
+        channel, _, conv = key.partition(":")
+        return cls(channel, conv)
+
+    def pm_pair(self) -> list[str]:
+        """The two users of a pm conversation, sorted (see pm_conv)."""
+        length, _, rest = self.conv.partition(":")
+        return [rest[: int(length)], rest[int(length) + 1:]]
+
+    @classmethod
     def pm(cls, a: str, b: str) -> ConversationRef:
         return cls("pm", pm_conv(a, b))
 
@@ -120,7 +130,10 @@ class ConversationStore:
             {"conv": ref.conv, "seq": {"$gt": after_seq}, "from": {"$ne": user}}
         )
 
-    async def messages_after(self, ref: ConversationRef, after_seq: int, limit: int) -> list[dict[str, Any]]:
-        collection = self._db[ref.channel]
-        found = collection.find({"conv": ref.conv, "seq": {"$gt": after_seq}})
+    async def messages_after(self, ref: ConversationRef, after_seq: int, limit: int,
+                             before_seq: int | None = None) -> list[dict[str, Any]]:
+        seq_range: dict[str, int] = {"$gt": after_seq}
+        if before_seq is not None:
+            seq_range["$lt"] = before_seq
+        found = self._db[ref.channel].find({"conv": ref.conv, "seq": seq_range})
         return [doc async for doc in found.sort("seq", ASCENDING).limit(limit)]

@@ -42,8 +42,11 @@ class GroupStore:
     def __init__(self, db: Database):
         self._groups = db.groups
 
+    async def find(self, group_id: str) -> dict[str, Any] | None:
+        return await self._groups.find_one({"_id": group_id})
+
     async def get(self, group_id: str) -> dict[str, Any]:
-        doc = await self._groups.find_one({"_id": group_id})
+        doc = await self.find(group_id)
         if doc is None:
             raise NotFound(f"group {group_id!r} does not exist")
         return doc

@@ -17,13 +17,6 @@ log = logging.getLogger(__name__)
 BACKLOG_PAGE = 200
 
 
-def pm_peer(conv: str, user: str) -> str:
-    """The other party of a pm conversation key (see pm_conv)."""
-    length, _, rest = conv.partition(":")
-    low, high = rest[: int(length)], rest[int(length) + 1:]
-    return high if low == user else low
-
-
 class Inbox:
     def __init__(self, conversations: ConversationStore, groups: GroupStore):
         self._conversations = conversations
@@ -73,7 +66,8 @@ class Inbox:
                 unread = await self._conversations.count_unread(ref, user, read_seq)
             entry: dict[str, Any] = {"channel": ref.channel}
             if ref.channel == "pm":
-                entry["peer"] = pm_peer(ref.conv, user)
+                low, high = ref.pm_pair()
+                entry["peer"] = high if low == user else low
             elif ref.channel == "gm":
                 entry["group"] = ref.conv
             entry.update({
@@ -86,18 +80,24 @@ class Inbox:
         out.sort(key=lambda e: e["lastMessage"]["createdAt"], reverse=True)
         return out
 
-    async def backlog(self, user: str) -> AsyncIterator[tuple[ConversationRef, dict[str, Any]]]:
-        """Every message above the user's received marker, oldest first per conversation."""
+    async def backlog_plan(self, user: str) -> list[tuple[ConversationRef, int, int]]:
+        """(conversation, received marker, newest seq) for every conversation of the user."""
         group_ids = await self._groups.ids_for_user(user)
         summaries = await self._conversations.find_summaries(user, group_ids)
         cursors = await self._conversations.get_cursors(user)
+        plan = []
         for summary in summaries:
             ref = ConversationRef(summary["channel"], summary["conv"])
-            after = cursors.get(ref.key, {}).get("received", 0)
-            while after < summary["lastSeq"]:
-                page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE)
-                if not page:
-                    break
-                for doc in page:
-                    yield ref, message_to_wire(doc)
-                after = page[-1]["seq"]
+            plan.append((ref, cursors.get(ref.key, {}).get("received", 0), summary["lastSeq"]))
+        return plan
+
+    async def messages_after(self, ref: ConversationRef, after: int,
+                             before: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Messages with after < seq (< before), oldest first, read in pages."""
+        while True:
+            page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE, before)
+            for doc in page:
+                yield message_to_wire(doc)
+            if len(page) < BACKLOG_PAGE:
+                return
+            after = page[-1]["seq"]

@@ -30,6 +30,7 @@ from server.auth import Principal
 from server.db import Database
 from server.errors import Forbidden, InvalidField
 from server.inflight import InFlight
+from server.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class MessageService:
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self.files: FileChecker | None = None
         self.inflight = InFlight()
+        # Messages this process stored (and so published itself): the change-stream fan-out skips them.
+        self.stored_ids = RecentIds()
 
     # ---- validation and authorization: one function per channel ------------------------------
 
@@ -183,6 +186,7 @@ class MessageService:
                     self._last_seq.pop(ref.key, None)  # unknown outcome: reload next time
                     raise
                 self._remember_seq(ref.key, seq)
+                self.stored_ids.add(doc["_id"])
                 await self._conversations.record_message(ref, doc, draft.summary_members)
                 wire = message_to_wire(doc)
                 # Published inside the lock so every socket sees a conversation in seq order.

@@ -47,6 +47,9 @@ class Settings:
     ping_timeout_secs: float = 15.0
     # How long start-up waits for the database before giving up (supervisord then restarts us).
     db_startup_timeout_secs: float = 30.0
+    # "auto": deliver messages stored by other processes through change streams when the database
+    # offers them (a replica set, or nx-27017); "off": this process's own messages only.
+    change_streams: str = "auto"
     shutdown_timeout_secs: float = 8.0
 
     def replace(self, **changes: Any) -> Settings:
@@ -92,6 +95,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise ConfigError(f"invalid IM_DB_STARTUP_TIMEOUT_SECS {startup_text!r}: expected seconds") from None
 
+    change_streams = env.get("IM_CHANGE_STREAMS") or raw.get("change_streams", "auto")
+    if change_streams not in ("auto", "off"):
+        raise ConfigError(f"invalid change_streams {change_streams!r}: expected auto or off")
+
     write_concern = raw.get("write_concern", {})
     websocket = raw.get("websocket", {})
     try:
@@ -116,4 +123,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ping_interval_secs=ping_interval,
         ping_timeout_secs=ping_timeout,
         db_startup_timeout_secs=float(db_startup_timeout),
+        change_streams=change_streams,
     )

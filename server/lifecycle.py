@@ -16,6 +16,7 @@ from server import __version__
 from server.app import make_app
 from server.config import ConfigError, Settings, load_settings
 from server.db import create_client, ensure_indexes, wait_for_database
+from server.fanout import ChangeStreamFanout, change_streams_supported
 from server.services import Services, build_services
 
 log = logging.getLogger("im.server")
@@ -59,6 +60,11 @@ async def serve(settings: Settings) -> int:
                       settings.db_name, settings.db_startup_timeout_secs, exc)
             return 1
         services = build_services(settings, client)
+        if settings.change_streams == "auto" and await change_streams_supported(services.db):
+            services.fanout = ChangeStreamFanout(services.db, services.hub, services.groups,
+                                                 services.messages.stored_ids)
+            services.fanout.start()
+            stack.push_async_callback(services.fanout.stop)
         server = HTTPServer(make_app(services), xheaders=True,
                             max_body_size=settings.limits.max_file_bytes + BODY_OVERHEAD_BYTES)
         try:

@@ -17,6 +17,7 @@ from models.membership import GroupService
 from models.messages import MessageService
 from models.presence import Presence
 from server.config import Settings
+from server.fanout import ChangeStreamFanout
 from server.db import Database, message_write_concern
 from server.hub import Hub
 from server.ratelimit import SendRateLimiter
@@ -38,6 +39,7 @@ class Services:
     presence: Presence
     send_limiter: SendRateLimiter
     started_at: float
+    fanout: ChangeStreamFanout | None = None  # set at start-up when change streams are available
 
 
 def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]]) -> Services:

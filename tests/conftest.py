@@ -102,6 +102,7 @@ def services(settings, io_loop):
     built = build_services(settings, client)
     io_loop.run_sync(lambda: ensure_indexes(built.db))
     yield built
+    io_loop.run_sync(built.presence.drain)
     io_loop.run_sync(lambda: client.drop_database(settings.db_name))
     io_loop.run_sync(client.close)
 
