@@ -156,8 +156,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def _flush(self) -> None:
         """Let the kernel take what is queued (back-pressure while sending a long backlog)."""
-        if self.ws_connection is not None and self.ws_connection.stream is not None:  # type: ignore[attr-defined]
-            await self.ws_connection.stream.write(b"")  # type: ignore[attr-defined]
+        stream = getattr(self.ws_connection, "stream", None)
+        if stream is not None:
+            await stream.write(b"")
 
     # ---- client frames ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ document per (user, conversation) holding the highest received and read seq.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -79,10 +80,9 @@ class ConversationStore:
         doc: dict[str, Any] = {"_id": ref.key, "channel": ref.channel, "conv": ref.conv, **update}
         if members is not None:
             doc["members"] = members
-        try:
+        # A DuplicateKeyError means it exists with a lastSeq at or above this one: up to date.
+        with contextlib.suppress(DuplicateKeyError):
             await self._summaries.insert_one(doc)
-        except DuplicateKeyError:
-            pass  # it exists with a lastSeq at or above this one: already up to date
 
     async def get_summary(self, ref: ConversationRef) -> dict[str, Any] | None:
         return await self._summaries.find_one({"_id": ref.key})

@@ -38,7 +38,8 @@ class Inbox:
             return ConversationRef.sm(user), []
         raise InvalidField("channel", "must be one of sm, pm, gm")
 
-    async def mark(self, user: str, data: Mapping[str, Any], *, read: bool) -> tuple[ConversationRef, list[str], dict[str, Any]]:
+    async def mark(self, user: str, data: Mapping[str, Any], *,
+                   read: bool) -> tuple[ConversationRef, list[str], dict[str, Any]]:
         """Move the user's received (or read) marker; returns (conversation, others, cursor)."""
         seq = v.parse_int(data.get("seq"), "seq")
         ref, others = await self.resolve(user, data)

@@ -54,11 +54,11 @@ def verify_token(token: str | None, secret: str) -> Principal:
     except jwt.InvalidTokenError:
         raise Unauthenticated("invalid token") from None
     sub, role = claims.get("sub"), claims.get("role")
-    if not is_valid_id(sub):
+    if not isinstance(sub, str) or not is_valid_id(sub):
         raise Unauthenticated("invalid token: bad sub")
     if role not in ROLES:
         raise Unauthenticated("invalid token: bad role")
-    return Principal(user_id=sub, role=role)
+    return Principal(user_id=sub, role=str(role))
 
 
 def mint_token(secret: str, sub: str, role: str, ttl_secs: int = DEFAULT_TTL_SECS) -> str:

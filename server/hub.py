@@ -18,7 +18,8 @@ def encode_frame(frame: dict[str, Any]) -> str:
 
 
 class Socket(Protocol):
-    user_id: str
+    @property
+    def user_id(self) -> str: ...
 
     def push_message(self, conversation_key: str, seq: int, frame: str) -> None:
         """Queue a message frame unless this socket already has that seq."""

@@ -17,8 +17,8 @@ from models.membership import GroupService
 from models.messages import MessageService
 from models.presence import Presence
 from server.config import Settings
-from server.fanout import ChangeStreamFanout
 from server.db import Database, message_write_concern
+from server.fanout import ChangeStreamFanout
 from server.hub import Hub
 from server.ratelimit import SendRateLimiter
 
