@@ -9,6 +9,7 @@ from typing import Any
 
 import tornado.web
 from pymongo.errors import ConnectionFailure, PyMongoError
+from tornado.httputil import HTTPServerRequest
 
 from models.validation import parse_json_object
 from server.auth import Principal, verify_token
@@ -32,6 +33,18 @@ def as_im_error(exc: BaseException) -> IMError | None:
     if isinstance(exc, PyMongoError):
         return DatabaseUnavailable()
     return None
+
+
+def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseException | None, tb: Any) -> None:
+    """Log a failed request by method and path only: query strings may carry tokens (/ws?token=)."""
+    if isinstance(value, IMError):
+        return  # expected; the access log line records the status
+    if isinstance(value, ConnectionFailure):
+        log.warning("%s %s: database unavailable: %s", request.method, request.path, value)
+    elif isinstance(value, tornado.web.HTTPError):
+        log.warning("%d %s %s", value.status_code, request.method, request.path)
+    else:
+        log.error("uncaught exception in %s %s", request.method, request.path, exc_info=(typ, value, tb))
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -98,12 +111,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(body, ensure_ascii=False))
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
-        if isinstance(value, IMError):
-            return  # expected; the access log line records the status
-        if isinstance(value, ConnectionFailure):
-            log.warning("%s %s: database unavailable: %s", self.request.method, self.request.path, value)
-            return
-        super().log_exception(typ, value, tb)
+        log_handler_exception(self.request, typ, value, tb)
 
 
 class NotFoundHandler(BaseHandler):

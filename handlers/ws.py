@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-from handlers.base import as_im_error
+from handlers.base import as_im_error, log_handler_exception
 from models.conversations import ConversationRef
 from models.validation import parse_client_msg_id, parse_json_object
 from server.auth import Principal, verify_token
@@ -64,6 +64,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             self.set_status(exc.status)
             self.set_header("Content-Type", "application/json; charset=UTF-8")
             self.finish(json.dumps(exc.envelope()))
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        log_handler_exception(self.request, typ, value, tb)
 
     def check_origin(self, origin: str) -> bool:
         """Browsers send Origin; it must be on the allow-list. Native clients send none (not checked)."""
