@@ -44,7 +44,7 @@ def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseExcep
     elif isinstance(value, tornado.web.HTTPError):
         log.warning("%d %s %s", value.status_code, request.method, request.path)
     else:
-        log.error("uncaught exception in %s %s", request.method, request.path, exc_info=(typ, value, tb))
+        log.error("uncaught exception in %s %s", request.method, request.path, exc_info=value)
 
 
 class BaseHandler(tornado.web.RequestHandler):

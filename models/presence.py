@@ -1,11 +1,20 @@
-"""Presence: online while a user has an open socket (in memory); lastSeen stored when the last closes."""
+"""Presence: a user is online while it has an open socket on any server process.
+
+This process knows its own sockets (the hub). So that other processes know them too, each process
+records in the user's `presence` document the instances it is online on (`onlineOn`), and beats a
+heartbeat in `instances`; an instance whose heartbeat is stale (it crashed) no longer counts.
+`lastSeen` is stored whenever a user's last socket on a process closes. Writes are coalesced per
+user and made by one worker, in order, so a quick connect-disconnect never ends up "online".
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from typing import Any
 
+from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from models.clock import iso, utcnow
@@ -18,32 +27,85 @@ from server.hub import Hub
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_INTERVAL_SECS = 10.0
+INSTANCE_STALE_AFTER_SECS = 3 * HEARTBEAT_INTERVAL_SECS
+
 
 class Presence:
     def __init__(self, db: Database):
         self._presence = db.presence
+        self._instances = db.instances
         self._db = db
+        self.instance_id = str(ObjectId())
         self.hub: Hub | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._changes: dict[str, bool] = {}  # user -> online here, waiting to be written
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # ---- this process's sockets ----------------------------------------------------------------
 
     def user_came_online(self, user_id: str) -> None:
-        self._spawn(self._store(user_id, online=True))
+        self._queue(user_id, True)
 
     def user_went_offline(self, user_id: str) -> None:
-        self._spawn(self._store(user_id, online=False))
+        self._queue(user_id, False)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    def _queue(self, user_id: str, online: bool) -> None:
+        self._changes[user_id] = online
+        self._idle.clear()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._write_changes())
 
-    async def _store(self, user_id: str, *, online: bool) -> None:
+    async def _write_changes(self) -> None:
+        # Runs while there is work; no await between the last check and the end, so a change
+        # queued meanwhile is either seen here or starts a new worker.
+        while self._changes:
+            user_id = next(iter(self._changes))
+            online = self._changes.pop(user_id)
+            await self._store(user_id, online)
+        self._idle.set()
+
+    async def _store(self, user_id: str, online: bool) -> None:
+        change = {"$addToSet": {"onlineOn": self.instance_id}} if online \
+            else {"$pull": {"onlineOn": self.instance_id}}
         try:
-            await self._presence.update_one(
-                {"_id": user_id}, {"$set": {"lastSeen": utcnow(), "online": online}}, upsert=True
-            )
-        except PyMongoError as exc:  # presence is best effort; never fails a connection
+            await self._presence.update_one({"_id": user_id}, {**change, "$set": {"lastSeen": utcnow()}},
+                                            upsert=True)
+        except PyMongoError as exc:  # presence is best effort; it never fails a connection
             log.warning("could not store presence of %s: %s", user_id, exc)
+
+    # ---- the heartbeat that lets other processes trust onlineOn --------------------------------
+
+    def start_heartbeat(self) -> None:
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self._instances.update_one({"_id": self.instance_id}, {"$set": {"beatAt": utcnow()}},
+                                                 upsert=True)
+            except PyMongoError as exc:
+                log.warning("presence heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_SECS)
+
+    async def stop(self) -> None:
+        """Write what is pending and withdraw this instance (shutdown)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await self.drain()
+        try:
+            await self._instances.delete_one({"_id": self.instance_id})
+        except PyMongoError as exc:
+            log.warning("could not withdraw presence instance: %s", exc)
+
+    async def drain(self) -> None:
+        """Wait until every queued presence change is written."""
+        if self._worker is not None and not self._worker.done():
+            await self._idle.wait()
+
+    # ---- reading -------------------------------------------------------------------------------
 
     async def check_visible(self, principal: Principal, user_id: str) -> None:
         """Staff and doctors see anyone; a patient sees itself and the people it talks to."""
@@ -59,10 +121,18 @@ class Presence:
     async def get(self, user_id: str) -> dict[str, Any]:
         online = bool(self.hub and self.hub.is_online(user_id))
         doc = await self._presence.find_one({"_id": user_id})
-        last_seen = doc["lastSeen"] if doc else None
+        if not online and doc:
+            elsewhere = [i for i in doc.get("onlineOn", []) if i != self.instance_id]
+            online = bool(elsewhere) and await self._any_alive(elsewhere)
+        last_seen = doc.get("lastSeen") if doc else None
         return {"user": user_id, "online": online, "lastSeen": iso(last_seen) if last_seen else None}
 
-    async def drain(self) -> None:
-        """Wait for pending presence writes (shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+    async def _any_alive(self, instance_ids: list[str]) -> bool:
+        fresh_since = utcnow() - datetime.timedelta(seconds=INSTANCE_STALE_AFTER_SECS)
+        async for doc in self._instances.find({"_id": {"$in": instance_ids}}):
+            beat = doc["beatAt"]
+            if isinstance(beat, str):  # nx-27017: see models/clock.iso
+                beat = datetime.datetime.fromisoformat(beat).replace(tzinfo=datetime.UTC)
+            if beat >= fresh_since:
+                return True
+        return False

@@ -60,6 +60,8 @@ async def serve(settings: Settings) -> int:
                       settings.db_name, settings.db_startup_timeout_secs, exc)
             return 1
         services = build_services(settings, client)
+        services.presence.start_heartbeat()
+        stack.push_async_callback(services.presence.stop)
         if settings.change_streams == "auto" and await change_streams_supported(services.db):
             services.fanout = ChangeStreamFanout(services.db, services.hub, services.groups,
                                                  services.messages.stored_ids)
@@ -96,7 +98,7 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
         log.warning("shutdown: %d sends still in flight", services.messages.inflight.count)
     for socket in services.hub.all_sockets():
         socket.close(WS_GOING_AWAY, "server shutting down")  # type: ignore[attr-defined]
-    await services.presence.drain()
+    await services.presence.drain()  # lastSeen of the sockets just closed
     try:
         await asyncio.wait_for(server.close_all_connections(), 2.0)
     except TimeoutError:

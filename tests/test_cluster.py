@@ -140,3 +140,27 @@ async def test_killing_b_mid_stream_loses_nothing_acknowledged(cluster):
     assert ids[: len(acknowledged)] == acknowledged
     assert len(set(ids)) == len(ids)
     jack.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_presence_is_shared_between_processes(cluster):
+    a, b = cluster
+
+    async def presence_on_b() -> dict:
+        request = HTTPRequest(b.base_url + "/api/v1/users/Jack/presence",
+                              headers={"Authorization": f"Bearer {mint_token(SECRET, 'Rose', 'doctor')}"})
+        return json.loads((await AsyncHTTPClient().fetch(request)).body)
+
+    jack = await connect(a, "Jack")
+    for _ in range(50):  # the presence write is asynchronous
+        if (await presence_on_b())["online"]:
+            break
+        await asyncio.sleep(0.05)
+    assert (await presence_on_b())["online"] is True
+    jack.close()
+    for _ in range(50):
+        if not (await presence_on_b())["online"]:
+            break
+        await asyncio.sleep(0.05)
+    gone = await presence_on_b()
+    assert gone["online"] is False and gone["lastSeen"]
