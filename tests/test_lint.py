@@ -1,0 +1,27 @@
+"""House style is checked with the tests: ruff on everything, mypy strict on the server code."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.processes import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which(args[0], path=str(BIN)) or args[0]
+    return subprocess.run([tool, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_is_clean():
+    result = run_tool("ruff", "check", "server", "handlers", "models", "run.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_is_clean():
+    result = run_tool("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
