@@ -11,7 +11,7 @@ import tornado.web
 from pymongo.errors import ConnectionFailure, PyMongoError
 from tornado.httputil import HTTPServerRequest
 
-from models.validation import parse_json_object
+from models.validation import check_id, parse_json_object
 from server.auth import Principal, verify_token
 from server.errors import (
     DatabaseUnavailable,
@@ -35,6 +35,10 @@ def as_im_error(exc: BaseException) -> IMError | None:
     return None
 
 
+# Names of path arguments in error messages, by position (/groups/{id}/members/{user}).
+PATH_ARG_NAMES = ("id", "user")
+
+
 def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseException | None, tb: Any) -> None:
     """Log a failed request by method and path only: query strings may carry tokens (/ws?token=)."""
     if isinstance(value, IMError):
@@ -48,6 +52,18 @@ def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseExcep
 
 
 class BaseHandler(tornado.web.RequestHandler):
+    _principal_cache: Principal | None = None
+
+    def prepare(self) -> None:
+        """Path ids obey the rules of body ids (SPEC §3: "$..." and the like are 400, never a query).
+
+        Authentication comes first so that an anonymous caller learns nothing from validation.
+        """
+        if self.path_args:
+            self.authenticate()
+            for name, value in zip(PATH_ARG_NAMES, self.path_args, strict=False):
+                check_id(value, name)
+
     @property
     def services(self) -> Services:
         services: Services = self.application.settings["services"]
@@ -65,11 +81,14 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def authenticate(self) -> Principal:
         """The caller from `Authorization: Bearer <jwt>`; 401 otherwise."""
+        if self._principal_cache is not None:
+            return self._principal_cache
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("Authorization: expected 'Bearer <token>'")
-        return verify_token(token.strip(), self.services.settings.auth_secret)
+        self._principal_cache = verify_token(token.strip(), self.services.settings.auth_secret)
+        return self._principal_cache
 
     def optional_principal(self) -> Principal | None:
         if "Authorization" not in self.request.headers:

@@ -12,6 +12,7 @@ from handlers.consultations import ConsultationEndHandler, ConsultationsHandler
 from handlers.conversations import ConversationsHandler, ReadMarkerHandler
 from handlers.files import FileDownloadHandler, FileUploadHandler
 from handlers.groups import GroupHandler, GroupMemberHandler, GroupMembersHandler, GroupsHandler
+from handlers.openapi import OpenApiHandler
 from handlers.status import StatusHandler
 from handlers.users import PresenceHandler, UserGroupsHandler
 from handlers.ws import ChatSocketHandler
@@ -33,6 +34,7 @@ def default_handlers(sdk_dir: Path) -> list[Any]:
         (r"/api/v1/files", FileUploadHandler),
         (r"/api/v1/files/([^/]+)", FileDownloadHandler),
         (r"/api/v1/status", StatusHandler),
+        (r"/api/v1/openapi.json", OpenApiHandler),
         (r"/ws", ChatSocketHandler),
         (r"/sdk/(.*)", tornado.web.StaticFileHandler, {"path": str(sdk_dir)}),
     ]

@@ -1,0 +1,392 @@
+"""GET /api/v1/openapi.json: the OpenAPI 3 description of every REST call (SPEC §5).
+
+The document is a plain dict built once at import and served as pre-encoded JSON. It is checked
+against the running server by tests/test_openapi.py (schemathesis): every status code and body a
+handler can produce must be described here, so a handler change that adds one must add it here too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from handlers.base import BaseHandler
+from server import __version__
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+
+
+# Every REST failure is the one envelope; these are the reasons per status.
+ERRORS: dict[str, dict[str, Any]] = {
+    "400": _error("Bad input: malformed JSON, a missing or invalid field (the message names it)."),
+    "401": _error("Missing, malformed, badly signed or expired token."),
+    "403": _error("A valid token without the right (acting for someone else, not staff, ...)."),
+    "404": _error("No such resource, or one the caller may not see."),
+    "409": _error("Conflict with the current state (group exists, consultation open/closed)."),
+    "413": _error("The body is over the documented limit."),
+    "429": _error("The caller's send rate limit is exhausted; retry later."),
+    "503": _error("The database is unavailable; nothing was written. Retry shortly."),
+}
+
+
+def _responses(ok: dict[str, dict[str, Any]], *codes: str) -> dict[str, Any]:
+    return {**ok, **{code: ERRORS[code] for code in codes}}
+
+
+def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _json_body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {JSON: {"schema": schema}}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _path(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
+
+
+ID = _ref("Id")
+SEQ = {"type": "integer", "minimum": 0, "maximum": 2**53}
+OBJECT_ID = {"type": "string", "pattern": "^[0-9a-f]{24}$"}
+TIMESTAMP = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"}
+PAGE_PARAMS = [
+    _query("after", SEQ, "Exclusive lower seq bound (needs one conversation named)."),
+    _query("before", SEQ, "Exclusive upper seq bound: the `limit` messages just below it, oldest first."),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50, at most 200."),
+    _query("cursor", {"type": "string", "maxLength": 64}, "The `next` of a previous page."),
+]
+SEND_ERRORS = ("400", "401", "403", "404", "413", "429", "503")
+READ_ERRORS = ("400", "401", "403", "404", "503")
+
+SCHEMAS: dict[str, Any] = {
+    "Id": {
+        "type": "string", "minLength": 1, "maxLength": 128,
+        # No leading "$" (no query-operator smuggling), no control characters.
+        "pattern": "^[^$\\u0000-\\u001f\\u007f][^\\u0000-\\u001f\\u007f]*$",
+        "description": "A user or group id.",
+    },
+    "Error": {
+        "type": "object", "required": ["error"], "additionalProperties": False,
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"], "additionalProperties": False,
+            "properties": {
+                "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                "message": {"type": "string", "minLength": 1},
+            },
+        }},
+    },
+    "ContentType": {
+        "description": "1 text, 2 image, 3 voice, 4 hyperlink; \"1\"..\"4\" accepted on input.",
+        "oneOf": [{"type": "integer", "enum": [1, 2, 3, 4]}, {"type": "string", "enum": ["1", "2", "3", "4"]}],
+    },
+    "Content": {
+        "type": "string", "minLength": 1, "maxLength": 8000, "pattern": "\\S",
+        "description": "Text; for contentType 4 an http(s) URL; for 2 and 3 a URL or a file id.",
+    },
+    "ClientMsgId": {"type": "string", "minLength": 1, "maxLength": 128},
+    "Message": {
+        "type": "object",
+        "required": ["id", "channel", "from", "contentType", "content", "seq", "createdAt"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1},
+            "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
+            "from": ID, "to": ID, "group": ID,
+            "groupType": {"type": "integer", "minimum": 0},
+            "at": {"type": "array", "items": ID},
+            "title": {"type": "string"}, "summary": {"type": "string"},
+            "contentType": {"type": "integer", "enum": [1, 2, 3, 4]},
+            "content": {"type": "string", "minLength": 1},
+            "seq": {"type": "integer", "minimum": 1},
+            "createdAt": TIMESTAMP,
+            "clientMsgId": {"type": "string"},
+            "event": {"type": "string"},
+            "consultationId": {"type": "string"},
+            "members": {"type": "array", "items": ID},
+        },
+    },
+    "MessagePage": {
+        "type": "object", "required": ["messages", "next"], "additionalProperties": False,
+        "properties": {
+            "messages": {"type": "array", "items": _ref("Message")},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+    "Conversation": {
+        "type": "object", "required": ["channel", "lastMessage", "unread", "receivedSeq", "readSeq"],
+        "properties": {
+            "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
+            "peer": ID, "group": ID,
+            "lastMessage": _ref("Message"),
+            "unread": {"type": "integer", "minimum": 0},
+            "receivedSeq": {"type": "integer", "minimum": 0},
+            "readSeq": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Group": {
+        "type": "object", "required": ["id", "name", "groupType", "members", "createdAt", "createdBy"],
+        "additionalProperties": False,
+        "properties": {
+            "id": ID, "name": {"type": "string"}, "groupType": {"type": "integer", "minimum": 0},
+            "members": {"type": "array", "items": ID}, "createdAt": TIMESTAMP, "createdBy": ID,
+        },
+    },
+    "Consultation": {
+        "type": "object",
+        "required": ["id", "doctor", "patient", "status", "startedAt", "startedBy", "endedAt", "endedBy"],
+        "additionalProperties": False,
+        "properties": {
+            "id": OBJECT_ID, "doctor": ID, "patient": ID,
+            "status": {"type": "string", "enum": ["open", "closed"]},
+            "startedAt": TIMESTAMP, "startedBy": ID,
+            "endedAt": {"oneOf": [TIMESTAMP, {"type": "null"}]},
+            "endedBy": {"oneOf": [ID, {"type": "null"}]},
+        },
+    },
+    "File": {
+        "type": "object", "required": ["id", "url", "mimeType", "size"], "additionalProperties": False,
+        "properties": {
+            "id": OBJECT_ID,
+            "url": {"type": "string", "pattern": "^/api/v1/files/[0-9a-f]{24}$"},
+            "mimeType": {"type": "string", "pattern": "^(image|audio)/"},
+            "size": {"type": "integer", "minimum": 1},
+        },
+    },
+    "Presence": {
+        "type": "object", "required": ["user", "online", "lastSeen"], "additionalProperties": False,
+        "properties": {"user": ID, "online": {"type": "boolean"},
+                       "lastSeen": {"oneOf": [TIMESTAMP, {"type": "null"}]}},
+    },
+    "Status": {
+        "type": "object", "required": ["version", "profile", "uptimeSeconds", "db"],
+        "additionalProperties": False,
+        "properties": {
+            "version": {"type": "string", "pattern": "^\\d+\\.\\d+\\.\\d+"},
+            "profile": {"type": "string", "enum": ["dev", "test", "prod"]},
+            "uptimeSeconds": {"type": "number", "minimum": 0},
+            "db": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
+            "connections": {
+                "type": "object", "required": ["sockets", "users"],
+                "properties": {"sockets": {"type": "integer", "minimum": 0},
+                               "users": {"type": "integer", "minimum": 0}},
+                "description": "Admin tokens only.",
+            },
+        },
+    },
+}
+
+PM_BODY = {
+    "type": "object", "required": ["from", "to", "contentType", "content"],
+    "properties": {"from": ID, "to": ID, "contentType": _ref("ContentType"), "content": _ref("Content"),
+                   "clientMsgId": _ref("ClientMsgId")},
+}
+GM_BODY = {
+    "type": "object", "required": ["from", "group", "contentType", "content"],
+    "properties": {
+        "from": ID, "group": ID,
+        "groupType": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2**31},
+                                {"type": "string", "pattern": "^[0-9]{1,9}$"}]},
+        "at": {"oneOf": [ID, {"type": "array", "items": ID, "maxItems": 500}]},
+        "contentType": _ref("ContentType"), "content": _ref("Content"), "clientMsgId": _ref("ClientMsgId"),
+    },
+}
+SM_BODY = {
+    "type": "object", "required": ["to", "title", "contentType", "content"],
+    "properties": {"to": ID, "title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
+                   "summary": {"type": "string", "maxLength": 1000},
+                   "contentType": _ref("ContentType"), "content": _ref("Content"),
+                   "clientMsgId": _ref("ClientMsgId")},
+}
+SENT = {
+    "201": _ok("Stored (journaled) and delivered: the message.", _ref("Message")),
+    "200": _ok("A repeated clientMsgId: the original message; nothing new stored.", _ref("Message")),
+}
+MESSAGE_PAGE = {"200": _ok("A page of messages, oldest first.", _ref("MessagePage"))}
+GROUP = {"200": _ok("The group.", _ref("Group"))}
+MARKER_CONVERSATION = {
+    "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
+    "peer": ID, "group": ID, "seq": SEQ,
+}
+FILE_MEDIA = {"schema": {"type": "string", "format": "binary"}}
+
+PATHS: dict[str, Any] = {
+    "/api/v1/chats/pm": {
+        "post": {"summary": "Send a person-to-person message", "operationId": "sendPm",
+                 "requestBody": _json_body(PM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
+        "get": {"summary": "A user's person-to-person messages", "operationId": "listPm",
+                "parameters": [_query("user_id", ID, "Whose messages.", required=True),
+                               _query("peer", ID, "Only the conversation with this user."), *PAGE_PARAMS],
+                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+    },
+    "/api/v1/chats/gm": {
+        "post": {"summary": "Send a group message (members only)", "operationId": "sendGm",
+                 "requestBody": _json_body(GM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
+        "get": {"summary": "A group's messages (members and staff)", "operationId": "listGm",
+                "parameters": [_query("group", ID, "The group.", required=True), *PAGE_PARAMS],
+                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+    },
+    "/api/v1/chats/sm": {
+        "post": {"summary": "Send a system message (service/admin only)", "operationId": "sendSm",
+                 "requestBody": _json_body(SM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
+        "get": {"summary": "A user's system messages", "operationId": "listSm",
+                "parameters": [_query("user_id", ID, "The recipient.", required=True), *PAGE_PARAMS],
+                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+    },
+    "/api/v1/conversations": {
+        "get": {"summary": "A user's conversations with unread counts, newest first",
+                "operationId": "listConversations",
+                "parameters": [_query("user_id", ID, "Whose conversations.", required=True)],
+                "responses": _responses({"200": _ok("The conversations.", {
+                    "type": "object", "required": ["conversations"], "additionalProperties": False,
+                    "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
+                })}, "400", "401", "403", "503")},
+    },
+    "/api/v1/conversations/read": {
+        "post": {"summary": "Move a user's read marker (the other party gets a receipt)",
+                 "operationId": "markRead",
+                 "requestBody": _json_body({"type": "object", "required": ["user_id", "channel", "seq"],
+                                            "properties": {"user_id": ID, **MARKER_CONVERSATION}}),
+                 "responses": _responses({"200": _ok("The markers after the move.", {
+                     "type": "object", "required": ["channel", "receivedSeq", "readSeq"],
+                     "additionalProperties": False,
+                     "properties": {"channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
+                                    "receivedSeq": {"type": "integer", "minimum": 0},
+                                    "readSeq": {"type": "integer", "minimum": 0}},
+                 })}, "400", "401", "403", "404", "413", "503")},
+    },
+    "/api/v1/groups": {
+        "post": {"summary": "Create a group (doctors, service, admin)", "operationId": "createGroup",
+                 "requestBody": _json_body({
+                     "type": "object", "required": ["name", "groupType", "members"],
+                     "properties": {
+                         "id": ID, "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
+                         "groupType": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2**31},
+                                                 {"type": "string", "pattern": "^[0-9]{1,9}$"}]},
+                         "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000},
+                     }}),
+                 "responses": _responses({"201": _ok("The new group.", _ref("Group"))},
+                                         "400", "401", "403", "409", "413", "503")},
+    },
+    "/api/v1/groups/{id}": {
+        "get": {"summary": "Read a group (members, creator, staff)", "operationId": "getGroup",
+                "parameters": [_path("id", ID, "The group.")],
+                "responses": _responses(GROUP, "400", "401", "403", "404", "503")},
+    },
+    "/api/v1/groups/{id}/members": {
+        "post": {"summary": "Add members; they get a group.members_added notice", "operationId": "addMembers",
+                 "parameters": [_path("id", ID, "The group.")],
+                 "requestBody": _json_body({"type": "object", "required": ["members"], "properties": {
+                     "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000}}}),
+                 "responses": _responses(GROUP, "400", "401", "403", "404", "413", "503")},
+    },
+    "/api/v1/groups/{id}/members/{user}": {
+        "delete": {"summary": "Remove a member (or leave)", "operationId": "removeMember",
+                   "parameters": [_path("id", ID, "The group."), _path("user", ID, "The member.")],
+                   "responses": _responses(GROUP, "400", "401", "403", "404", "503")},
+    },
+    "/api/v1/users/{id}/groups": {
+        "get": {"summary": "The groups a user belongs to", "operationId": "listUserGroups",
+                "parameters": [_path("id", ID, "The user.")],
+                "responses": _responses({"200": _ok("The groups.", {
+                    "type": "object", "required": ["groups"], "additionalProperties": False,
+                    "properties": {"groups": {"type": "array", "items": _ref("Group")}}})},
+                    "400", "401", "403", "503")},
+    },
+    "/api/v1/users/{id}/presence": {
+        "get": {"summary": "Online state and last seen", "operationId": "getPresence",
+                "parameters": [_path("id", ID, "The user.")],
+                "responses": _responses({"200": _ok("Presence.", _ref("Presence"))}, "400", "401", "403", "503")},
+    },
+    "/api/v1/consultations": {
+        "post": {"summary": "Start a consultation (posts consultation.started)",
+                 "operationId": "startConsultation",
+                 "requestBody": _json_body({"type": "object", "required": ["doctor", "patient"], "properties": {
+                     "doctor": ID, "patient": ID,
+                     "operator": {**ID, "description": "Required with service/admin tokens."}}}),
+                 "responses": _responses({"201": _ok("The consultation.", _ref("Consultation"))},
+                                         "400", "401", "403", "409", "413", "503")},
+        "get": {"summary": "A user's consultations, newest first", "operationId": "listConsultations",
+                "parameters": [_query("user_id", ID, "The doctor or patient.", required=True),
+                               _query("status", {"type": "string", "enum": ["open", "closed"]}, "Filter.")],
+                "responses": _responses({"200": _ok("The consultations.", {
+                    "type": "object", "required": ["consultations"], "additionalProperties": False,
+                    "properties": {"consultations": {"type": "array", "items": _ref("Consultation")}}})},
+                    "400", "401", "403", "503")},
+    },
+    "/api/v1/consultations/{id}/end": {
+        "post": {"summary": "End a consultation (posts consultation.ended)", "operationId": "endConsultation",
+                 "parameters": [_path("id", OBJECT_ID, "The consultation.")],
+                 "requestBody": _json_body({"type": "object", "properties": {
+                     "operator": {**ID, "description": "Required with service/admin tokens."}}}, required=False),
+                 "responses": _responses({"200": _ok("The closed consultation.", _ref("Consultation"))},
+                                         "400", "401", "403", "404", "409", "413", "503")},
+    },
+    "/api/v1/files": {
+        "post": {"summary": "Upload an image or voice note (stored in GridFS)", "operationId": "uploadFile",
+                 "parameters": [_query("owner", ID, "service/admin only: upload on this user's behalf.")],
+                 "requestBody": {"required": True, "content": {"multipart/form-data": {
+                     "schema": {"type": "object", "required": ["file"],
+                                "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                 "responses": _responses({"201": {
+                     "description": "Stored; `Location` names the download URL.",
+                     "content": {JSON: {"schema": _ref("File")}}}},
+                     "400", "401", "403", "413", "503")},
+    },
+    "/api/v1/files/{id}": {
+        "get": {"summary": "Download a file the caller may read (Range and If-None-Match supported)",
+                "operationId": "downloadFile",
+                "parameters": [_path("id", OBJECT_ID, "The file.")],
+                "responses": _responses({
+                    "200": {"description": "The bytes.", "content": {"image/*": FILE_MEDIA, "audio/*": FILE_MEDIA}},
+                    "206": {"description": "The requested range.",
+                            "content": {"image/*": FILE_MEDIA, "audio/*": FILE_MEDIA}},
+                    "304": {"description": "Not modified (If-None-Match)."},
+                    "416": _error("The Range selects nothing of the file."),
+                }, "400", "401", "404", "503")},
+    },
+    "/api/v1/status": {
+        "get": {"summary": "Running status (public; admin tokens add connection counts)",
+                "operationId": "getStatus", "security": [{}, {"bearerAuth": []}],
+                "responses": _responses({"200": _ok("Status.", _ref("Status"))}, "400", "401")},
+    },
+    "/api/v1/openapi.json": {
+        "get": {"summary": "This document", "operationId": "getOpenApi", "security": [],
+                "responses": _responses({"200": _ok("OpenAPI 3.1", {"type": "object"})}, "400")},
+    },
+}
+
+OPENAPI_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Family-doctor IM server",
+        "version": __version__,
+        "description": "REST API of the IM server. Every error is {\"error\": {\"code\", \"message\"}}. "
+                       "The WebSocket protocol (/ws?token=<jwt>) is described in the README.",
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearerAuth": []}],
+    "paths": PATHS,
+    "components": {
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "schemas": SCHEMAS,
+    },
+}
+_ENCODED = json.dumps(OPENAPI_DOCUMENT, ensure_ascii=False, separators=(",", ":"))
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        """The OpenAPI document (public, like the API's shape itself)."""
+        self.set_header("Cache-Control", "public, max-age=300")
+        self.finish(_ENCODED)
