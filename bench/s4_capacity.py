@@ -3,8 +3,9 @@
 The load is spread over W worker processes (one asyncio loop each, each with at most `inflight`
 handshakes under way). Figures: connections held (as the load generator and the server's own
 /api/v1/status count them), handshakes per second while connecting (first connect start → last
-handshake done), handshake latency p50/p99, server RSS before and after and its growth per
-connection. The server gets a fresh process (same database) for every repeat, so each baseline
+handshake done), handshake latency p50/p99, server RSS before and right after the last handshake
+and its growth per connection, and how many sockets are still open (and which close codes the
+others got) after a 2-second settle. The server gets a fresh process (same database) for every repeat, so each baseline
 is clean.
 """
 
@@ -60,7 +61,13 @@ async def _hold(pipe: multiprocessing.connection.Connection, ws_url: str, tokens
     pipe.send(("connected", {"ok": len(conns), "errors": errors, "lat": lat, "t0": t0,
                              "t_last": max(done_at, default=t0)}))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, pipe.recv)  # "close"
+    while (order := await loop.run_in_executor(None, pipe.recv)) == "count":
+        codes: dict[str, int] = {}
+        for c in conns:
+            if c.close_code is not None:
+                codes[str(c.close_code)] = codes.get(str(c.close_code), 0) + 1
+        pipe.send(("count", {"open": len(conns) - sum(codes.values()), "closed_by_code": codes}))
+    assert order == "close"
     # Close in bounded batches so the server is not hit by N close handshakes at once.
     for i in range(0, len(conns), 500):
         await asyncio.gather(*(c.close() for c in conns[i:i + 500]), return_exceptions=True)
@@ -94,8 +101,14 @@ def run_once(stack: Stack, connections: int, workers: int, inflight: int, rnd: i
                 pipe.send("go")
             reports = [pipe.recv()[1] for pipe in pipes]
             ok = sum(r["ok"] for r in reports)
-            server_count = stack.wait_sockets(ok, timeout=30)
+            # RSS while every handshake is done (before any server-side close can shrink the set).
+            rss_connected = _rss(server_pid)
+            server_count = stack.wait_sockets(ok, timeout=15)
             time.sleep(2.0)  # let presence writes and backlog queries settle
+            rss_settled = _rss(server_pid)
+            for pipe in pipes:
+                pipe.send("count")
+            counts = [pipe.recv()[1] for pipe in pipes]
         ok = sum(r["ok"] for r in reports)
         errors: dict[str, int] = {}
         for r in reports:
@@ -104,21 +117,28 @@ def run_once(stack: Stack, connections: int, workers: int, inflight: int, rnd: i
         t0 = min(r["t0"] for r in reports)
         t_last = max(r["t_last"] for r in reports)
         lat = [x for r in reports for x in r["lat"]]
-        rss_after = _rss(server_pid)
+        still_open = sum(c["open"] for c in counts)
+        closed: dict[str, int] = {}
+        for c in counts:
+            for k, v in c["closed_by_code"].items():
+                closed[k] = closed.get(k, 0) + v
         res = {
             "connections": ok, "server_sockets": server_count, "errors": errors, "workers": workers,
             "handshakes_per_s": round(ok / (t_last - t0), 1) if ok else 0.0,
             "connect_wall_s": round(t_last - t0, 2),
             **latency_figures(lat, "handshake"),
-            "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(rss_after / 2**20, 1),
-            "rss_per_conn_kib": round((rss_after - rss_before) / max(ok, 1) / 1024, 1),
+            "held_after_settle": still_open, "closed_by_server": closed,
+            "rss_before_mib": round(rss_before / 2**20, 1),
+            "rss_connected_mib": round(rss_connected / 2**20, 1),
+            "rss_settled_mib": round(rss_settled / 2**20, 1),
+            "rss_per_conn_kib": round((rss_connected - rss_before) / max(ok, 1) / 1024, 1),
             **{k: v for k, v in cpu.summary().items() if k.endswith("_s")},
         }
         for pipe in pipes:
             pipe.send("close")
         for pipe in pipes:
             pipe.recv()
-        stack.wait_sockets(0, timeout=30)
+        stack.wait_sockets(0, timeout=20)
         return res
     finally:
         for p in procs:
