@@ -1,0 +1,728 @@
+/*!
+ * im.client.js: the JavaScript SDK of the family-doctor IM server (SPEC §7 and §8).
+ *
+ * One plain file, no dependencies (jQuery or not, it does not care). Exposes a global `IMClient`
+ * in browsers, `module.exports` under CommonJS, `define()` under AMD, and `im.client.mjs` wraps it
+ * for `import`. See sdk/README.md for the API and an example.
+ *
+ * Guarantees, in short:
+ *   - sends resolve with the stored message (the server's `ack`) and reject with its `error`;
+ *   - a send interrupted by a dropped connection is re-sent after reconnecting with the SAME
+ *     clientMsgId, and the server is idempotent per sender + clientMsgId, so it is stored once;
+ *   - incoming messages are de-duplicated by `id` (delivery is at least once across reconnects);
+ *   - `received` markers are sent automatically, never past a message this client has not seen;
+ *   - an app-level ping every ~20 s; no answer in time means the connection is dead;
+ *   - reconnects with exponential back-off and jitter, and stops (error `unauthenticated`) when the
+ *     server refuses the token.
+ */
+(function (root, factory) {
+  "use strict";
+  var IMClient = factory(root);
+  if (typeof module === "object" && module && module.exports) {
+    module.exports = IMClient;
+    module.exports.IMClient = IMClient;
+    module.exports.default = IMClient;
+  } else {
+    if (typeof define === "function" && define.amd) {
+      define([], function () { return IMClient; });
+    }
+    // Also global in browsers (with AMD too), and when evaluated as an ES module by im.client.mjs.
+    if (root) root.IMClient = IMClient;
+  }
+})(typeof globalThis !== "undefined" ? globalThis
+  : typeof self !== "undefined" ? self
+  : typeof window !== "undefined" ? window : this, function (root) {
+  "use strict";
+
+  var VERSION = "1.0.0";
+
+  // WebSocket readyState values (not every implementation exposes the constants on instances).
+  var WS_CONNECTING = 0;
+  var WS_OPEN = 1;
+
+  // SPEC §7: the server closes the connection (1009) on frames over 64 KiB; refuse those up front,
+  // otherwise a re-sent oversized message would kill every new connection.
+  var MAX_FRAME_BYTES = 64 * 1024;
+
+  // Server error codes worth retrying with the same clientMsgId (idempotent on the server).
+  var RETRYABLE_CODES = { database_unavailable: true, rate_limited: true };
+
+  var DEFAULTS = {
+    url: null,                    // http(s) origin of the server; default: the page's origin
+    token: null,                  // the JWT
+    WebSocket: null,              // a WebSocket implementation (default: the global one)
+    heartbeatIntervalMs: 20000,   // app-level {"type":"ping"} every this long
+    pongTimeoutMs: 10000,         // no frame at all this long after a ping: the connection is dead
+    connectTimeoutMs: 10000,      // a handshake still pending after this long is abandoned
+    reconnectMinDelayMs: 500,     // back-off: first delay ...
+    reconnectMaxDelayMs: 30000,   // ... doubling up to this, with jitter
+    autoReceive: true,            // send `received` markers automatically after `message` events
+    receivedDelayMs: 50,          // coalesce `received` frames over this window
+    maxSendRetries: 5,            // retries of a send answered by a retryable error
+    dedupeWindow: 10000,          // how many message ids are remembered for de-duplication
+    checkTokenPath: "/api/v1/status"  // REST path used to tell a refused token from a down server
+  };
+
+  // ---- small helpers ------------------------------------------------------------------------
+
+  function IMError(code, message, extra) {
+    var error = new Error(message || code);
+    Object.setPrototypeOf(error, IMError.prototype);
+    error.name = "IMError";
+    error.code = code;
+    if (extra) {
+      for (var key in extra) {
+        if (Object.prototype.hasOwnProperty.call(extra, key)) error[key] = extra[key];
+      }
+    }
+    return error;
+  }
+  IMError.prototype = Object.create(Error.prototype, {
+    constructor: { value: IMError, writable: true, configurable: true }
+  });
+
+  function randomId() {
+    var c = root && root.crypto;
+    if (c && typeof c.randomUUID === "function") {
+      try { return c.randomUUID(); } catch (e) { /* insecure context: fall through */ }
+    }
+    var bytes = new Array(16);
+    if (c && typeof c.getRandomValues === "function") {
+      var buf = new Uint8Array(16);
+      c.getRandomValues(buf);
+      for (var i = 0; i < 16; i++) bytes[i] = buf[i];
+    } else {
+      for (var j = 0; j < 16; j++) bytes[j] = Math.floor(Math.random() * 256);
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;  // RFC 4122 version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    var hex = bytes.map(function (b) { return (b + 0x100).toString(16).slice(1); }).join("");
+    return hex.slice(0, 8) + "-" + hex.slice(8, 12) + "-" + hex.slice(12, 16) + "-" +
+      hex.slice(16, 20) + "-" + hex.slice(20);
+  }
+
+  function base64UrlDecode(text) {
+    var b64 = String(text).replace(/-/g, "+").replace(/_/g, "/");
+    while (b64.length % 4) b64 += "=";
+    var binary;
+    if (typeof root.atob === "function") binary = root.atob(b64);
+    else if (typeof Buffer !== "undefined") binary = Buffer.from(b64, "base64").toString("binary");
+    else throw new Error("no base64 decoder");
+    // The payload is UTF-8 JSON: turn the binary string into text.
+    var bytes = new Uint8Array(binary.length);
+    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+    if (typeof TextDecoder !== "undefined") return new TextDecoder("utf-8").decode(bytes);
+    return decodeURIComponent(escape(binary));
+  }
+
+  /** The payload of a JWT (not verified: that is the server's job), or null if it is not one. */
+  function decodeToken(token) {
+    if (typeof token !== "string") return null;
+    var parts = token.split(".");
+    if (parts.length !== 3) return null;
+    try {
+      var payload = JSON.parse(base64UrlDecode(parts[1]));
+      return payload && typeof payload === "object" ? payload : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function utf8Length(text) {
+    if (typeof TextEncoder !== "undefined") return new TextEncoder().encode(text).length;
+    return unescape(encodeURIComponent(text)).length;
+  }
+
+  function defaultOrigin() {
+    return root && root.location && root.location.origin && root.location.origin !== "null"
+      ? root.location.origin : null;
+  }
+
+  /** The conversation a message belongs to, from this user's point of view (null: unknown). */
+  function conversationOf(message, me) {
+    if (message.channel === "pm") {
+      // Consultation events are sent by the system on behalf of an operator, who may be staff
+      // rather than one of the two parties: `from`/`to` then do not name the conversation.
+      if (message.event) return null;
+      var peer = message.from !== me ? message.from : message.to;
+      return typeof peer === "string" ? { channel: "pm", peer: peer } : null;
+    }
+    if (message.channel === "gm") {
+      return typeof message.group === "string" ? { channel: "gm", group: message.group } : null;
+    }
+    if (message.channel === "sm") return { channel: "sm" };
+    return null;
+  }
+
+  function conversationKey(conv) {
+    if (conv.channel === "pm") return "pm\u0000" + conv.peer;
+    if (conv.channel === "gm") return "gm\u0000" + conv.group;
+    return "sm";
+  }
+
+  /** A {channel, peer|group, seq} marker from the caller's object, validated. */
+  function markerFrame(type, spec) {
+    if (!spec || typeof spec !== "object") throw new TypeError(type + ": expected {channel, peer|group, seq}");
+    var seq = Number(spec.seq);
+    if (!(seq >= 0) || Math.floor(seq) !== seq) throw new TypeError(type + ": seq must be an integer >= 0");
+    var frame = { type: type, channel: spec.channel, seq: seq };
+    if (spec.channel === "pm") {
+      if (typeof spec.peer !== "string" || !spec.peer) throw new TypeError(type + ": pm needs a peer");
+      frame.peer = spec.peer;
+    } else if (spec.channel === "gm") {
+      if (typeof spec.group !== "string" || !spec.group) throw new TypeError(type + ": gm needs a group");
+      frame.group = spec.group;
+    } else if (spec.channel !== "sm") {
+      throw new TypeError(type + ": channel must be sm, pm or gm");
+    }
+    return frame;
+  }
+
+  // ---- the client ---------------------------------------------------------------------------
+
+  /**
+   * new IMClient({url, token, ...options})
+   *   url    http(s) origin of the server (default: the page's own origin)
+   *   token  JWT; the user id is its `sub`
+   */
+  function IMClient(options) {
+    if (!(this instanceof IMClient)) return new IMClient(options);
+    var opts = {};
+    var key;
+    for (key in DEFAULTS) opts[key] = DEFAULTS[key];
+    for (key in options || {}) {
+      if (Object.prototype.hasOwnProperty.call(options, key) && options[key] !== undefined) opts[key] = options[key];
+    }
+    this.options = opts;
+    this.url = String(opts.url || defaultOrigin() || "").replace(/\/+$/, "");
+    if (!this.url) throw new TypeError("IMClient: url (the server's http(s) origin) is required here");
+    this._WebSocket = opts.WebSocket || (root && root.WebSocket);
+    if (!this._WebSocket) throw new TypeError("IMClient: no WebSocket implementation; pass options.WebSocket");
+    this.setToken(opts.token);
+
+    this._listeners = {};
+    this._ws = null;
+    this._state = "idle";          // idle | connecting | open | waiting (to reconnect) | closed
+    this._wanted = false;          // connect() called and close() not since
+    this._everConnected = false;
+    this._failures = 0;            // consecutive attempts that did not end in a useful connection
+    this._connectWaiters = [];
+    this._pending = new Map();     // clientMsgId -> {frame, promise, resolve, reject, retries, retryTimer}
+    this._seen = new Set();        // message ids already emitted
+    this._seenOrder = [];
+    this._marks = new Map();       // conversation key -> {base, contig, acked: Set<seq>}
+    this._receivedQueue = new Map();
+    this._readQueue = new Map();   // read markers set while offline, sent on open
+    this._timers = {};
+    this._onOnline = this._onOnline.bind(this);
+  }
+
+  IMClient.VERSION = VERSION;
+  IMClient.IMError = IMError;
+  IMClient.decodeToken = decodeToken;
+  IMClient.newId = randomId;
+
+  var proto = IMClient.prototype;
+
+  Object.defineProperty(proto, "state", { get: function () { return this._state; } });
+  Object.defineProperty(proto, "connected", { get: function () { return this._state === "open"; } });
+
+  /** Replace the token (e.g. a refreshed one); used from the next connection attempt on. */
+  proto.setToken = function (token) {
+    if (typeof token !== "string" || !token) throw new TypeError("IMClient: token must be a non-empty string");
+    this.token = token;
+    var payload = decodeToken(token);
+    this.userId = payload && typeof payload.sub === "string" ? payload.sub : null;
+    this.role = payload && typeof payload.role === "string" ? payload.role : null;
+  };
+
+  // ---- events ---------------------------------------------------------------------------------
+
+  /** Listen: message, receipt, connected, disconnected, reconnecting, error. Returns this. */
+  proto.on = function (event, fn) {
+    if (typeof fn !== "function") throw new TypeError("IMClient.on: listener must be a function");
+    (this._listeners[event] = this._listeners[event] || []).push(fn);
+    return this;
+  };
+
+  /** Stop listening (fn omitted: every listener of that event). Returns this. */
+  proto.off = function (event, fn) {
+    var list = this._listeners[event];
+    if (!list) return this;
+    if (!fn) { delete this._listeners[event]; return this; }
+    var at = list.indexOf(fn);
+    if (at >= 0) list.splice(at, 1);
+    return this;
+  };
+
+  proto._emit = function (event, payload) {
+    var list = (this._listeners[event] || []).slice();
+    for (var i = 0; i < list.length; i++) {
+      try {
+        list[i].call(this, payload);
+      } catch (err) {
+        // A broken listener must not break delivery (nor the received markers after it).
+        if (root.console) root.console.error("IMClient: a '" + event + "' listener threw", err);
+      }
+    }
+  };
+
+  // ---- connection -----------------------------------------------------------------------------
+
+  /** Open the connection; resolves when it is open, rejects (code unauthenticated) if refused. */
+  proto.connect = function () {
+    var self = this;
+    if (this._state === "open") return Promise.resolve(this);
+    var promise = new Promise(function (resolve, reject) {
+      self._connectWaiters.push({ resolve: resolve, reject: reject });
+    });
+    if (!this._wanted) {
+      this._wanted = true;
+      this._failures = 0;
+      if (root.addEventListener) root.addEventListener("online", this._onOnline);
+    }
+    if (this._state !== "connecting") this._open();
+    return promise;
+  };
+
+  /** Drop the current connection (if any) and connect again now. */
+  proto.reconnect = function () {
+    if (!this._wanted) return this.connect();
+    if (this._ws) this._abandon(4001, "reconnect requested");
+    else this._open();
+    return this.connect();
+  };
+
+  /** Close for good: no reconnecting; pending sends reject with code "closed". */
+  proto.close = function () {
+    var wasOpen = this._state === "open";
+    this._wanted = false;
+    if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
+    this._flushReceived();
+    this._clearTimers();
+    var ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      this._detach(ws);
+      try { ws.close(1000, "client closed"); } catch (e) { /* already closing */ }
+    }
+    this._state = "closed";
+    var error = IMError("closed", "the client was closed");
+    this._rejectConnectWaiters(error);
+    this._rejectPending(error);
+    if (wasOpen) this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
+  };
+
+  proto._open = function () {
+    var self = this;
+    this._clearTimer("reconnect");
+    if (!this._wanted) return;
+    var wsUrl = this.url.replace(/^http/i, "ws") + "/ws?token=" + encodeURIComponent(this.token);
+    var ws;
+    try {
+      ws = new this._WebSocket(wsUrl);
+    } catch (err) {
+      this._emit("error", IMError("connect_failed", "cannot open a WebSocket: " + (err && err.message)));
+      this._socketGone(ws, 1006, "constructor failed", false);
+      return;
+    }
+    this._ws = ws;
+    this._state = "connecting";
+    ws._imOpened = false;
+    ws.onopen = function () { if (self._ws === ws) self._onOpen(ws); };
+    ws.onmessage = function (event) { if (self._ws === ws) self._onFrame(event.data); };
+    ws.onerror = function () { /* always followed by onclose, which does the work */ };
+    ws.onclose = function (event) {
+      if (self._ws === ws) self._socketGone(ws, event.code, event.reason, ws._imOpened);
+    };
+    this._setTimer("connect", this.options.connectTimeoutMs, function () {
+      if (self._ws === ws && ws.readyState === WS_CONNECTING) self._abandon(4002, "connect timeout");
+    });
+  };
+
+  proto._onOpen = function (ws) {
+    var self = this;
+    this._clearTimer("connect");
+    ws._imOpened = true;
+    this._state = "open";
+    var reconnected = this._everConnected;
+    this._everConnected = true;
+    // _failures is reset only once the connection has proved useful (a first frame or a ping
+    // answered), so a server that accepts and drops at once still meets the back-off.
+    this._startHeartbeat();
+    this._transmit({ type: "ping" });  // its pong proves the connection useful (resets back-off)
+    this._readQueue.forEach(function (frame) { self._transmit(frame); });
+    this._readQueue.clear();
+    this._flushReceived();
+    // Re-send what never got an answer, oldest first, with the same clientMsgId.
+    this._pending.forEach(function (entry) {
+      if (!entry.retryTimer) self._transmit(entry.frame);
+    });
+    this._emit("connected", { reconnected: reconnected, userId: this.userId });
+    var waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    waiters.forEach(function (w) { w.resolve(self); });
+  };
+
+  /** Forget a socket now (it may be half dead: its close could take long) and carry on. */
+  proto._abandon = function (code, reason) {
+    var ws = this._ws;
+    if (!ws) return;
+    var opened = ws._imOpened;
+    this._detach(ws);
+    try { ws.close(code, reason); } catch (e) { /* ignore */ }
+    this._socketGone(ws, code, reason, opened);
+  };
+
+  proto._detach = function (ws) {
+    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  };
+
+  proto._socketGone = function (ws, code, reason, opened) {
+    var self = this;
+    if (ws && this._ws === ws) this._ws = null;
+    this._clearTimer("connect");
+    this._stopHeartbeat();
+    if (this._state === "closed" || !this._wanted) {
+      this._state = this._wanted ? this._state : "closed";
+      return;
+    }
+    this._state = "waiting";
+    if (opened) {
+      this._emit("disconnected", { code: code, reason: reason || "", willReconnect: true });
+      this._scheduleReconnect();
+      return;
+    }
+    // Closed before it opened: a down server, a refused token (browsers hide the 401 and report
+    // 1006), or a connection cap (429). Only a REST call can tell them apart.
+    this._checkToken().then(function (verdict) {
+      if (!self._wanted || self._ws) return;  // closed or reconnected meanwhile
+      if (verdict === "rejected") self._unauthenticated();
+      else self._scheduleReconnect();
+    });
+  };
+
+  proto._scheduleReconnect = function () {
+    var self = this;
+    if (!this._wanted) return;
+    var o = this.options;
+    var ceiling = Math.min(o.reconnectMaxDelayMs, o.reconnectMinDelayMs * Math.pow(2, this._failures));
+    // "Equal jitter": between half and all of the ceiling, so a crowd of clients spreads out.
+    var delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+    this._failures += 1;
+    this._state = "waiting";
+    this._emit("reconnecting", { attempt: this._failures, delayMs: delay });
+    this._setTimer("reconnect", delay, function () { self._open(); });
+  };
+
+  proto._onOnline = function () {
+    // The network is back: do not sit out the rest of a long back-off.
+    if (this._wanted && this._state === "waiting") this._open();
+  };
+
+  /** "rejected" (401), "ok" (token accepted or server answered otherwise), or "unknown". */
+  proto._checkToken = function () {
+    var self = this;
+    var payload = decodeToken(this.token);
+    var localVerdict = !payload ? "rejected"
+      : typeof payload.exp === "number" && payload.exp * 1000 < Date.now() ? "rejected" : "unknown";
+    var fetchFn = root && root.fetch;
+    if (typeof fetchFn !== "function") return Promise.resolve(localVerdict);
+    return fetchFn.call(root, this.url + this.options.checkTokenPath, {
+      headers: { Authorization: "Bearer " + this.token },
+      cache: "no-store",
+      credentials: "omit"
+    }).then(function (response) {
+      return response.status === 401 ? "rejected" : "ok";
+    }, function () {
+      // Server unreachable (or a cross-origin page without CORS): trust what the token itself says.
+      return localVerdict;
+    }).then(function (verdict) {
+      self._lastTokenCheck = verdict;
+      return verdict;
+    });
+  };
+
+  proto._unauthenticated = function () {
+    var error = IMError("unauthenticated", "the server refused the token (expired, malformed or badly signed)");
+    this._wanted = false;
+    this._state = "closed";
+    this._clearTimers();
+    if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
+    this._emit("error", error);
+    this._rejectConnectWaiters(error);
+    this._rejectPending(error);
+  };
+
+  proto._rejectConnectWaiters = function (error) {
+    var waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    waiters.forEach(function (w) { w.reject(error); });
+  };
+
+  proto._rejectPending = function (error) {
+    var pending = this._pending;
+    this._pending = new Map();
+    pending.forEach(function (entry) {
+      if (entry.retryTimer) clearTimeout(entry.retryTimer);
+      entry.reject(error);
+    });
+  };
+
+  // ---- heartbeat ------------------------------------------------------------------------------
+
+  proto._startHeartbeat = function () {
+    var self = this;
+    this._stopHeartbeat();
+    this._timers.heartbeat = setInterval(function () {
+      if (self._state !== "open") return;
+      self._transmit({ type: "ping" });
+      if (!self._timers.pong) {
+        self._setTimer("pong", self.options.pongTimeoutMs, function () {
+          self._emit("error", IMError("heartbeat_timeout", "no answer from the server; reconnecting"));
+          self._abandon(4000, "heartbeat timeout");
+        });
+      }
+    }, this.options.heartbeatIntervalMs);
+  };
+
+  proto._stopHeartbeat = function () {
+    if (this._timers.heartbeat) clearInterval(this._timers.heartbeat);
+    delete this._timers.heartbeat;
+    this._clearTimer("pong");
+  };
+
+  // ---- timers ---------------------------------------------------------------------------------
+
+  proto._setTimer = function (name, ms, fn) {
+    this._clearTimer(name);
+    var self = this;
+    this._timers[name] = setTimeout(function () { delete self._timers[name]; fn(); }, ms);
+  };
+
+  proto._clearTimer = function (name) {
+    if (this._timers[name]) {
+      clearTimeout(this._timers[name]);
+      delete this._timers[name];
+    }
+  };
+
+  proto._clearTimers = function () {
+    this._stopHeartbeat();
+    for (var name in this._timers) this._clearTimer(name);
+    this._pending.forEach(function (entry) {
+      if (entry.retryTimer) { clearTimeout(entry.retryTimer); entry.retryTimer = null; }
+    });
+  };
+
+  // ---- frames in ------------------------------------------------------------------------------
+
+  proto._transmit = function (frame) {
+    var ws = this._ws;
+    if (!ws || this._state !== "open" || ws.readyState !== WS_OPEN) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch (e) {
+      return false;  // the socket is going; onclose follows and pending sends are re-sent
+    }
+  };
+
+  proto._onFrame = function (data) {
+    // Any frame proves the connection alive: no need to wait for the pong itself.
+    this._clearTimer("pong");
+    this._failures = 0;
+    var frame;
+    try {
+      frame = JSON.parse(data);
+    } catch (e) {
+      this._emit("error", IMError("bad_frame", "the server sent a frame that is not JSON"));
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    switch (frame.type) {
+      case "message": this._onMessage(frame.message); break;
+      case "ack": this._onAck(frame); break;
+      case "error": this._onError(frame); break;
+      case "receipt": this._emit("receipt", frame); break;
+      case "pong": break;
+      default: break;  // newer server, older SDK: ignore what we do not know
+    }
+  };
+
+  proto._onMessage = function (message) {
+    if (!message || typeof message.id !== "string") return;
+    var duplicate = this._seen.has(message.id);
+    if (!duplicate) {
+      this._remember(message.id);
+      this._emit("message", message);
+    }
+    // Even for a duplicate: the server resent it because our marker is behind.
+    if (this.options.autoReceive) this._noteSeq(message, false);
+  };
+
+  proto._onAck = function (frame) {
+    var entry = this._pending.get(frame.clientMsgId);
+    var message = frame.message;
+    if (message && typeof message.id === "string") this._remember(message.id);
+    if (message && this.options.autoReceive) this._noteSeq(message, true);
+    if (!entry) return;
+    this._pending.delete(frame.clientMsgId);
+    if (entry.retryTimer) clearTimeout(entry.retryTimer);
+    entry.resolve(message);
+  };
+
+  proto._onError = function (frame) {
+    var self = this;
+    var error = IMError(frame.code || "error", frame.message || frame.code || "error",
+      frame.clientMsgId ? { clientMsgId: frame.clientMsgId } : null);
+    var entry = frame.clientMsgId ? this._pending.get(frame.clientMsgId) : null;
+    if (!entry) {
+      this._emit("error", error);
+      return;
+    }
+    if (RETRYABLE_CODES[frame.code] && entry.retries < this.options.maxSendRetries) {
+      entry.retries += 1;
+      var delay = Math.min(this.options.reconnectMaxDelayMs,
+        this.options.reconnectMinDelayMs * Math.pow(2, entry.retries - 1)) * (0.5 + Math.random() / 2);
+      entry.retryTimer = setTimeout(function () {
+        entry.retryTimer = null;
+        if (self._pending.get(frame.clientMsgId) === entry) self._transmit(entry.frame);
+      }, delay);
+      return;
+    }
+    this._pending.delete(frame.clientMsgId);
+    entry.reject(error);
+  };
+
+  proto._remember = function (id) {
+    if (this._seen.has(id)) return;
+    this._seen.add(id);
+    this._seenOrder.push(id);
+    var limit = this.options.dedupeWindow;
+    if (this._seenOrder.length > limit * 1.25) {
+      var drop = this._seenOrder.splice(0, this._seenOrder.length - limit);
+      for (var i = 0; i < drop.length; i++) this._seen.delete(drop[i]);
+    }
+  };
+
+  // ---- received markers -----------------------------------------------------------------------
+
+  /*
+   * The `received` marker tells the server "I have everything up to seq": too high loses messages
+   * on the next reconnect. Messages arrive in seq order per conversation, except that this
+   * connection's own sends come back as acks, which can overtake a message stored just before.
+   * So acked seqs advance the marker only when they are contiguous with what has been seen.
+   */
+  proto._noteSeq = function (message, isAck) {
+    var seq = message.seq;
+    if (typeof seq !== "number") return;
+    var conv = conversationOf(message, this.userId);
+    if (!conv) return;
+    var key = conversationKey(conv);
+    var mark = this._marks.get(key);
+    if (!mark) {
+      mark = { conv: conv, contig: 0, acked: new Set() };
+      this._marks.set(key, mark);
+    }
+    var before = mark.contig;
+    if (isAck && seq > mark.contig + 1) {
+      mark.acked.add(seq);
+    } else if (seq > mark.contig) {
+      mark.contig = seq;
+    }
+    while (mark.acked.has(mark.contig + 1)) {
+      mark.acked.delete(mark.contig + 1);
+      mark.contig += 1;
+    }
+    mark.acked.forEach(function (s) { if (s <= mark.contig) mark.acked.delete(s); });
+    if (mark.contig > before || !isAck) this._queueReceived(key, mark);
+  };
+
+  proto._queueReceived = function (key, mark) {
+    var self = this;
+    var frame = { type: "received", channel: mark.conv.channel, seq: mark.contig };
+    if (mark.conv.peer) frame.peer = mark.conv.peer;
+    if (mark.conv.group) frame.group = mark.conv.group;
+    this._receivedQueue.set(key, frame);
+    if (!this._timers.received) {
+      this._setTimer("received", this.options.receivedDelayMs, function () { self._flushReceived(); });
+    }
+  };
+
+  proto._flushReceived = function () {
+    var self = this;
+    this._clearTimer("received");
+    if (this._state !== "open") return;  // kept; sent on the next open
+    this._receivedQueue.forEach(function (frame, key) {
+      if (self._transmit(frame)) self._receivedQueue.delete(key);
+    });
+  };
+
+  /** Tell the server this client has everything up to seq (only needed with autoReceive: false). */
+  proto.markReceived = function (spec) {
+    var frame = markerFrame("received", spec);
+    if (!this._transmit(frame)) {
+      this._receivedQueue.set(conversationKey(frame), frame);
+    }
+  };
+
+  /** The user has read up to seq: {channel: "pm", peer, seq} | {channel: "gm", group, seq} | {channel: "sm", seq}. */
+  proto.markRead = function (spec) {
+    var frame = markerFrame("read", spec);
+    if (!this._transmit(frame)) {
+      var key = conversationKey(frame);
+      var queued = this._readQueue.get(key);
+      if (!queued || queued.seq < frame.seq) this._readQueue.set(key, frame);
+    }
+  };
+
+  // ---- sending --------------------------------------------------------------------------------
+
+  /** Send a person-to-person message; resolves with the stored message. */
+  proto.sendP2P = function (to, content, options) {
+    if (typeof to !== "string" || !to) return Promise.reject(new TypeError("sendP2P: `to` must be a user id"));
+    var opts = options || {};
+    return this._send({ type: "pm", to: to, contentType: opts.contentType || 1, content: content,
+      clientMsgId: opts.clientMsgId || randomId() });
+  };
+
+  /** Send a group message (options: contentType, groupType, at, clientMsgId); resolves with it. */
+  proto.sendGroup = function (group, content, options) {
+    if (typeof group !== "string" || !group) return Promise.reject(new TypeError("sendGroup: `group` must be a group id"));
+    var opts = options || {};
+    var frame = { type: "gm", group: group, contentType: opts.contentType || 1, content: content,
+      clientMsgId: opts.clientMsgId || randomId() };
+    if (opts.groupType !== undefined && opts.groupType !== null) frame.groupType = opts.groupType;
+    if (opts.at !== undefined && opts.at !== null) frame.at = opts.at;
+    return this._send(frame);
+  };
+
+  proto._send = function (frame) {
+    if (typeof frame.content !== "string" || !frame.content) {
+      return Promise.reject(IMError("invalid_field", "content: must be a non-empty string"));
+    }
+    var existing = this._pending.get(frame.clientMsgId);
+    if (existing) return existing.promise;  // the same send, still in flight
+    var text = JSON.stringify(frame);
+    if (utf8Length(text) > MAX_FRAME_BYTES) {
+      return Promise.reject(IMError("too_large", "content: the message is larger than a 64 KiB frame allows",
+        { clientMsgId: frame.clientMsgId }));
+    }
+    var entry = { frame: frame, retries: 0, retryTimer: null };
+    entry.promise = new Promise(function (resolve, reject) {
+      entry.resolve = resolve;
+      entry.reject = reject;
+    });
+    this._pending.set(frame.clientMsgId, entry);
+    this._transmit(frame);  // if not open now, it goes out on the next open
+    return entry.promise;
+  };
+
+  /** Sends still waiting for their ack (e.g. for a "sending…" indicator). */
+  proto.pendingCount = function () {
+    return this._pending.size;
+  };
+
+  return IMClient;
+});

@@ -1,0 +1,387 @@
+/*
+ * Shared code of the demo pages (patient chat, doctor console): session from the URL fragment,
+ * REST calls, and a message thread that renders user data as text only (never as HTML).
+ * Everything live goes through the SDK (window.IMClient); REST covers history, conversation lists
+ * and consultations, which the WebSocket protocol does not.
+ */
+(function (global) {
+  "use strict";
+
+  var IMClient = global.IMClient;
+
+  // ---- session: token and ids from the fragment (fragments never reach server logs) ------------
+
+  function readFragment() {
+    var params = new URLSearchParams(global.location.hash.replace(/^#/, ""));
+    var out = {};
+    params.forEach(function (value, key) { out[key] = value; });
+    return out;
+  }
+
+  /** {token, user, role, peer, server} from `#token=...&user=...&peer=...` (user defaults to the JWT sub). */
+  function readSession() {
+    var frag = readFragment();
+    var payload = frag.token ? IMClient.decodeToken(frag.token) : null;
+    return {
+      token: frag.token || "",
+      user: frag.user || (payload && payload.sub) || "",
+      role: (payload && payload.role) || "",
+      expiresAt: payload && typeof payload.exp === "number" ? new Date(payload.exp * 1000) : null,
+      peer: frag.peer || "",
+      server: (frag.server || global.location.origin).replace(/\/+$/, "")
+    };
+  }
+
+  /** Rewrite the fragment (e.g. the open conversation) without a reload or a history entry. */
+  function writeFragment(session, extra) {
+    var params = new URLSearchParams();
+    params.set("token", session.token);
+    if (session.user) params.set("user", session.user);
+    var peer = extra && extra.peer !== undefined ? extra.peer : session.peer;
+    if (peer) params.set("peer", peer);
+    if (session.server !== global.location.origin) params.set("server", session.server);
+    global.history.replaceState(null, "", "#" + params.toString());
+  }
+
+  // ---- REST ------------------------------------------------------------------------------------
+
+  /** fetch as the session's user; resolves with the JSON body, rejects with an IMError. */
+  function api(session, path, options) {
+    var opts = options || {};
+    var headers = { Authorization: "Bearer " + session.token };
+    var init = { method: opts.method || "GET", headers: headers, cache: "no-store" };
+    if (opts.body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(opts.body);
+    }
+    return global.fetch(session.server + path, init).then(function (response) {
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        if (response.ok) return body;
+        var err = body && body.error ? body.error : { code: "http_" + response.status, message: response.statusText };
+        throw IMClient.IMError(err.code, err.message, { status: response.status });
+      });
+    });
+  }
+
+  function query(params) {
+    return Object.keys(params).filter(function (k) { return params[k] !== undefined && params[k] !== null; })
+      .map(function (k) { return encodeURIComponent(k) + "=" + encodeURIComponent(params[k]); }).join("&");
+  }
+
+  /** The last `limit` messages of the pm conversation with peer, oldest first. */
+  function loadPmHistory(session, peer, limit) {
+    return api(session, "/api/v1/conversations?" + query({ user_id: session.user })).then(function (body) {
+      var conv = (body.conversations || []).filter(function (c) {
+        return c.channel === "pm" && c.peer === peer;
+      })[0];
+      if (!conv) return { messages: [], conversation: null };
+      var last = conv.lastMessage ? conv.lastMessage.seq : 0;
+      var path = "/api/v1/chats/pm?" + query({ user_id: session.user, peer: peer, before: last + 1, limit: limit || 50 });
+      return api(session, path).then(function (page) {
+        return { messages: page.messages || [], conversation: conv };
+      });
+    });
+  }
+
+  // ---- DOM helpers (text only) -------------------------------------------------------------------
+
+  function el(tag, className, text) {
+    var node = global.document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function formatTime(iso) {
+    if (!iso) return "";
+    var date = new Date(iso);
+    if (isNaN(date.getTime())) return "";
+    var now = new Date();
+    var sameDay = date.toDateString() === now.toDateString();
+    var time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    return sameDay ? time : date.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + time;
+  }
+
+  function initials(name) {
+    var text = String(name || "?").trim();
+    return Array.from(text)[0] || "?";
+  }
+
+  var HTTP_URL = /^https?:\/\//i;
+
+  function mediaUrl(session, content) {
+    if (HTTP_URL.test(content)) return content;
+    return session.server + "/api/v1/files/" + encodeURIComponent(content);
+  }
+
+  /** The bubble's content: text nodes, or elements whose URLs are http(s) only. */
+  function renderContent(session, message) {
+    var content = String(message.content === undefined ? "" : message.content);
+    var type = Number(message.contentType) || 1;
+    if (type === 4 && HTTP_URL.test(content)) {
+      var link = el("a", "link", content);
+      link.href = content;
+      link.target = "_blank";
+      link.rel = "noopener noreferrer";
+      return link;
+    }
+    if (type === 2) {
+      var img = el("img", "attachment");
+      img.alt = "image";
+      img.src = mediaUrl(session, content);
+      return img;
+    }
+    if (type === 3) {
+      var audio = el("audio", "attachment");
+      audio.controls = true;
+      audio.src = mediaUrl(session, content);
+      return audio;
+    }
+    return global.document.createTextNode(content);
+  }
+
+  function previewText(message) {
+    if (!message) return "";
+    var type = Number(message.contentType) || 1;
+    if (type === 2) return "[image]";
+    if (type === 3) return "[voice]";
+    return String(message.content || "");
+  }
+
+  // ---- a message thread ----------------------------------------------------------------------------
+
+  /**
+   * The <ol> of one conversation. Messages are keyed by id (each shown once, whatever the route:
+   * history, backlog, live, ack) and kept in seq order; sends not yet acknowledged stay last.
+   */
+  function Thread(listEl, session) {
+    this.listEl = listEl;
+    this.session = session;
+    this.byId = new Map();
+    this.pending = new Map();   // clientMsgId -> li
+    this.maxSeq = 0;
+    this.maxSeqFromOthers = 0;
+    this.peerReadSeq = 0;
+  }
+
+  Thread.prototype.clear = function () {
+    this.listEl.textContent = "";
+    this.byId.clear();
+    this.pending.clear();
+    this.maxSeq = this.maxSeqFromOthers = this.peerReadSeq = 0;
+  };
+
+  Thread.prototype._build = function (message, mine) {
+    var li = el("li", "msg" + (mine ? " mine" : "") + (message.event ? " system" : ""));
+    var bubble = el("div", "bubble");
+    var text = el("span", "text");
+    text.appendChild(renderContent(this.session, message));
+    bubble.appendChild(text);
+    li.appendChild(bubble);
+    var meta = el("div", "meta");
+    if (!mine && !message.event && message.from) meta.appendChild(el("span", "from", message.from));
+    meta.appendChild(el("time", "time", formatTime(message.createdAt)));
+    if (mine && !message.event) meta.appendChild(el("span", "state", ""));
+    li.appendChild(meta);
+    return li;
+  };
+
+  Thread.prototype._place = function (li, seq) {
+    var children = this.listEl.children;
+    for (var i = 0; i < children.length; i++) {
+      var other = children[i];
+      if (other.classList.contains("pending") || other.classList.contains("failed") || Number(other.dataset.seq) > seq) {
+        this.listEl.insertBefore(li, other);
+        return;
+      }
+    }
+    this.listEl.appendChild(li);
+  };
+
+  Thread.prototype._setState = function (li, text, read) {
+    var state = li.querySelector(".state");
+    if (!state) return;
+    state.textContent = text;
+    state.classList.toggle("read", !!read);
+  };
+
+  /** Show a stored message once; returns false if it was already shown. */
+  Thread.prototype.add = function (message) {
+    if (!message || this.byId.has(message.id)) return false;
+    var mine = message.from === this.session.user;
+    if (mine && message.clientMsgId && this.pending.has(message.clientMsgId)) {
+      // Our own send, delivered (e.g. after a reconnect) before its ack: the pending bubble is it.
+      var stale = this.pending.get(message.clientMsgId);
+      this.pending.delete(message.clientMsgId);
+      stale.remove();
+    }
+    var li = this._build(message, mine);
+    li.dataset.id = message.id;
+    li.dataset.seq = String(message.seq);
+    if (message.event) li.dataset.event = message.event;
+    this.byId.set(message.id, li);
+    this._place(li, message.seq);
+    if (mine) this._setState(li, message.seq <= this.peerReadSeq ? "Read" : "Sent", message.seq <= this.peerReadSeq);
+    this.maxSeq = Math.max(this.maxSeq, message.seq || 0);
+    if (!mine) this.maxSeqFromOthers = Math.max(this.maxSeqFromOthers, message.seq || 0);
+    this.scrollToEnd();
+    return true;
+  };
+
+  /** A send on its way: shown at once, confirmed by confirm() or marked by fail(). */
+  Thread.prototype.addPending = function (clientMsgId, content) {
+    var li = this._build({ content: content, contentType: 1, from: this.session.user }, true);
+    li.classList.add("pending");
+    li.dataset.clientMsgId = clientMsgId;
+    this._setState(li, "Sending…");
+    this.pending.set(clientMsgId, li);
+    this.listEl.appendChild(li);
+    this.scrollToEnd();
+  };
+
+  Thread.prototype.confirm = function (clientMsgId, message) {
+    var li = this.pending.get(clientMsgId);
+    this.pending.delete(clientMsgId);
+    if (li) li.remove();
+    this.add(message);
+  };
+
+  Thread.prototype.fail = function (clientMsgId, error) {
+    var li = this.pending.get(clientMsgId);
+    if (!li) return;
+    this.pending.delete(clientMsgId);
+    li.classList.remove("pending");
+    li.classList.add("failed");
+    this._setState(li, "Not sent: " + (error && (error.message || error.code) || "error"));
+  };
+
+  /** The peer has read up to seq: my messages up to it show "Read". */
+  Thread.prototype.applyReceipt = function (seq) {
+    this.peerReadSeq = Math.max(this.peerReadSeq, seq);
+    var self = this;
+    this.byId.forEach(function (li) {
+      if (li.classList.contains("mine") && Number(li.dataset.seq) <= self.peerReadSeq) self._setState(li, "Read", true);
+    });
+  };
+
+  Thread.prototype.scrollToEnd = function () {
+    this.listEl.scrollTop = this.listEl.scrollHeight;
+  };
+
+  /** Texts of the shown messages (used by tests and handy in the console). */
+  Thread.prototype.texts = function () {
+    return Array.prototype.map.call(this.listEl.querySelectorAll(".msg .text"), function (n) { return n.textContent; });
+  };
+
+  // ---- connection status pill -----------------------------------------------------------------------
+
+  function bindStatus(client, pill, onFatal) {
+    function set(cls, text) {
+      pill.className = "pill " + cls;
+      pill.textContent = text;
+      pill.dataset.state = cls;
+    }
+    set("offline", "connecting…");
+    client.on("connected", function () { set("online", "online"); });
+    client.on("disconnected", function () { set("offline", "offline"); });
+    client.on("reconnecting", function (info) {
+      set("offline", "reconnecting in " + Math.max(1, Math.round(info.delayMs / 1000)) + " s");
+    });
+    client.on("error", function (error) {
+      if (error.code === "unauthenticated") {
+        set("failed", "token refused");
+        if (onFatal) onFatal(error);
+      }
+    });
+  }
+
+  function showBanner(bannerEl, text, isError) {
+    bannerEl.textContent = text;
+    bannerEl.classList.toggle("error", !!isError);
+    bannerEl.hidden = !text;
+  }
+
+  // ---- login form ----------------------------------------------------------------------------------
+
+  /** Show the "paste a token" card; submitting it reloads the page with a fragment. */
+  function showLogin(session, options) {
+    var card = global.document.getElementById("login");
+    var app = global.document.getElementById("app");
+    if (app) app.hidden = true;
+    // Nobody is signed in: no "You: …" and no connection state in the top bar.
+    Array.prototype.forEach.call(global.document.querySelectorAll(".topbar .who, #status"), function (node) {
+      node.hidden = true;
+    });
+    card.hidden = false;
+    var form = card.querySelector("form");
+    form.elements.token.value = session.token || "";
+    form.elements.peer.value = session.peer || "";
+    if (options && options.message) showBanner(card.querySelector(".banner"), options.message, true);
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var params = new URLSearchParams();
+      params.set("token", form.elements.token.value.trim());
+      if (form.elements.peer.value.trim()) params.set("peer", form.elements.peer.value.trim());
+      global.location.hash = params.toString();
+      global.location.reload();
+    });
+  }
+
+  /** Enter sends, Shift+Enter is a new line. */
+  function bindComposer(form, textarea, onSend) {
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var text = textarea.value.replace(/\s+$/, "");
+      if (!text.trim()) return;
+      textarea.value = "";
+      onSend(text);
+      textarea.focus();
+    });
+    textarea.addEventListener("keydown", function (event) {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+  }
+
+  /** Mark read up to the thread's newest message once the page is visible (coalesced). */
+  function readMarker(client, spec, thread) {
+    var sent = 0;
+    var timer = null;
+    function flush() {
+      timer = null;
+      if (global.document.visibilityState === "hidden") return;
+      var seq = thread.maxSeq;
+      if (seq > sent) {
+        sent = seq;
+        client.markRead({ channel: spec.channel, peer: spec.peer(), seq: seq });
+      }
+    }
+    global.document.addEventListener("visibilitychange", function () { if (!timer) timer = setTimeout(flush, 100); });
+    return {
+      schedule: function () { if (!timer) timer = setTimeout(flush, 150); },
+      reset: function () { sent = 0; }
+    };
+  }
+
+  global.IMDemo = {
+    readSession: readSession,
+    writeFragment: writeFragment,
+    api: api,
+    query: query,
+    loadPmHistory: loadPmHistory,
+    el: el,
+    formatTime: formatTime,
+    initials: initials,
+    previewText: previewText,
+    Thread: Thread,
+    bindStatus: bindStatus,
+    showBanner: showBanner,
+    showLogin: showLogin,
+    bindComposer: bindComposer,
+    readMarker: readMarker
+  };
+})(window);

@@ -1,0 +1,236 @@
+/*
+ * The doctor console: conversations with unread counts, one thread at a time, replies, and
+ * consultation start/end. Live traffic through the SDK; lists, history and consultations by REST.
+ */
+(function () {
+  "use strict";
+  var D = window.IMDemo;
+  var session = D.readSession();
+  var $ = function (id) { return document.getElementById(id); };
+
+  if (!session.token) {
+    D.showLogin(session);
+    return;
+  }
+  $("me").textContent = session.user;
+  $("app").hidden = false;
+
+  var me = session.user;
+  var client = new window.IMClient({ url: session.server, token: session.token });
+  var thread = new D.Thread($("thread"), session);
+  var active = null;                      // the patient whose thread is open
+  var conversations = new Map();          // peer -> {peer, lastMessage, unread, li}
+  var consultations = { byPatient: new Map(), byId: new Map(), supported: true };
+  var reads = D.readMarker(client, { channel: "pm", peer: function () { return active; } }, thread);
+  var historyToken = 0;                    // drops history that arrives after switching threads
+  window.imDemo = { client: client, thread: thread, session: session, conversations: conversations };
+
+  D.bindStatus(client, $("status"), function () {
+    D.showBanner($("banner"), "Your session has expired or the token is invalid. Please sign in again.", true);
+  });
+
+  // ---- conversation list ------------------------------------------------------------------------
+
+  function upsertConversation(peer, lastMessage, unread) {
+    var conv = conversations.get(peer);
+    if (!conv) {
+      conv = { peer: peer, lastMessage: null, unread: 0, li: buildConversationItem(peer) };
+      conversations.set(peer, conv);
+    }
+    if (lastMessage && (!conv.lastMessage || lastMessage.seq >= conv.lastMessage.seq)) conv.lastMessage = lastMessage;
+    if (unread !== undefined) conv.unread = unread;
+    renderConversation(conv);
+    return conv;
+  }
+
+  function buildConversationItem(peer) {
+    var li = D.el("li", "conversation");
+    li.dataset.peer = peer;
+    li.appendChild(D.el("span", "avatar", D.initials(peer)));
+    li.appendChild(D.el("span", "name", peer));
+    li.appendChild(D.el("span", "time", ""));
+    li.appendChild(D.el("span", "preview", ""));
+    li.appendChild(D.el("span", "badge zero", "0"));
+    li.addEventListener("click", function () { openConversation(peer); });
+    return li;
+  }
+
+  function renderConversation(conv) {
+    var li = conv.li;
+    li.querySelector(".time").textContent = conv.lastMessage ? D.formatTime(conv.lastMessage.createdAt) : "";
+    li.querySelector(".preview").textContent = D.previewText(conv.lastMessage);
+    var badge = li.querySelector(".badge");
+    badge.textContent = String(conv.unread);
+    badge.classList.toggle("zero", !conv.unread);
+    li.classList.toggle("active", conv.peer === active);
+    sortConversations();
+  }
+
+  function sortConversations() {
+    var list = $("conversations");
+    var sorted = Array.from(conversations.values()).sort(function (a, b) {
+      var ta = a.lastMessage ? a.lastMessage.createdAt : "9999";  // new, empty chats on top
+      var tb = b.lastMessage ? b.lastMessage.createdAt : "9999";
+      return ta < tb ? 1 : ta > tb ? -1 : 0;
+    });
+    sorted.forEach(function (conv) { list.appendChild(conv.li); });
+    $("no-conversations").hidden = conversations.size > 0;
+  }
+
+  function loadConversations() {
+    return D.api(session, "/api/v1/conversations?" + D.query({ user_id: me })).then(function (body) {
+      (body.conversations || []).forEach(function (c) {
+        if (c.channel !== "pm") return;
+        upsertConversation(c.peer, c.lastMessage, c.peer === active ? 0 : c.unread);
+      });
+    });
+  }
+
+  // ---- the open thread --------------------------------------------------------------------------
+
+  function openConversation(peer) {
+    if (!peer) return;
+    active = peer;
+    var conv = upsertConversation(peer, null, 0);
+    conversations.forEach(function (c) { c.li.classList.toggle("active", c === conv); });
+    $("app").classList.add("thread-open");
+    $("peer-name").textContent = peer;
+    $("peer-avatar").textContent = D.initials(peer);
+    $("input").disabled = $("send").disabled = false;
+    D.writeFragment(session, { peer: peer });
+    thread.clear();
+    reads.reset();
+    D.showBanner($("banner"), "");
+    renderConsultation();
+    var mine = ++historyToken;
+    D.loadPmHistory(session, peer, 50).then(function (history) {
+      if (mine !== historyToken) return;
+      history.messages.forEach(function (m) { thread.add(m); });
+      reads.schedule();
+    }, function (error) {
+      if (mine === historyToken) D.showBanner($("banner"), "Could not load the history: " + error.message, true);
+    });
+    $("input").focus();
+  }
+
+  // ---- consultations (REST; SPEC §6) ------------------------------------------------------------
+
+  function remember(consultation) {
+    consultations.byId.set(consultation.id, consultation);
+    var current = consultations.byPatient.get(consultation.patient);
+    if (consultation.status === "open" || (current && current.id === consultation.id)) {
+      consultations.byPatient.set(consultation.patient, consultation);
+    }
+  }
+
+  function loadConsultations() {
+    return D.api(session, "/api/v1/consultations?" + D.query({ user_id: me })).then(function (body) {
+      consultations.supported = true;
+      // Newest first: remember oldest first so the newest one per patient wins.
+      (body.consultations || []).slice().reverse().forEach(remember);
+      renderConsultation();
+    }, function (error) {
+      if (error.status === 404) consultations.supported = false;
+      renderConsultation();
+    });
+  }
+
+  function renderConsultation() {
+    var c = active ? consultations.byPatient.get(active) : null;
+    var open = !!c && c.status === "open";
+    var state = $("consultation-state");
+    state.textContent = !active ? "no patient selected" : open ? "consultation open" : "no open consultation";
+    state.className = "pill " + (open ? "online" : "plain");
+    $("start-consultation").disabled = !active || open || !consultations.supported;
+    $("end-consultation").disabled = !open || !consultations.supported;
+    if (!consultations.supported) $("start-consultation").title = "This server does not offer consultations yet";
+  }
+
+  function consultationAction(request) {
+    $("start-consultation").disabled = $("end-consultation").disabled = true;
+    request.then(function (consultation) {
+      remember(consultation);
+      renderConsultation();
+    }, function (error) {
+      D.showBanner($("banner"), error.message || error.code, true);
+      loadConsultations();  // e.g. 409: someone else started or ended it; show the truth
+    });
+  }
+
+  $("start-consultation").addEventListener("click", function () {
+    consultationAction(D.api(session, "/api/v1/consultations", { method: "POST", body: { doctor: me, patient: active } }));
+  });
+  $("end-consultation").addEventListener("click", function () {
+    var c = consultations.byPatient.get(active);
+    if (!c) return;
+    consultationAction(D.api(session, "/api/v1/consultations/" + encodeURIComponent(c.id) + "/end", { method: "POST", body: {} }));
+  });
+
+  /** The patient of a pm message (consultation events may come from staff: ask the REST API). */
+  function peerOf(m) {
+    if (m.event && m.consultationId) {
+      var known = consultations.byId.get(m.consultationId);
+      if (known) return Promise.resolve(known.patient);
+      return loadConsultations().then(function () {
+        var found = consultations.byId.get(m.consultationId);
+        return found ? found.patient : (m.from === me ? m.to : m.from);
+      });
+    }
+    return Promise.resolve(m.from === me ? m.to : m.from);
+  }
+
+  // ---- live traffic -----------------------------------------------------------------------------
+
+  client.on("message", function (m) {
+    if (m.channel !== "pm") return;
+    peerOf(m).then(function (peer) {
+      if (m.event === "consultation.started" || m.event === "consultation.ended") {
+        remember({ id: m.consultationId, doctor: me, patient: peer,
+          status: m.event === "consultation.started" ? "open" : "closed" });
+        renderConsultation();
+      }
+      var visible = peer === active && document.visibilityState !== "hidden";
+      var conv = conversations.get(peer);
+      var unread = (conv ? conv.unread : 0) + (m.from !== me && !visible && !m.event ? 1 : 0);
+      upsertConversation(peer, m, unread);
+      if (peer === active && thread.add(m)) reads.schedule();
+    });
+  });
+  client.on("receipt", function (r) {
+    if (r.channel === "pm" && r.user === active) thread.applyReceipt(r.seq);
+  });
+  client.on("connected", function (info) {
+    D.showBanner($("banner"), "");
+    if (info.reconnected) loadConversations();  // unread counts may have moved while away
+  });
+
+  D.bindComposer($("composer"), $("input"), function (text) {
+    if (!active) return;
+    var to = active;
+    var clientMsgId = window.IMClient.newId();
+    thread.addPending(clientMsgId, text);
+    client.sendP2P(to, text, { clientMsgId: clientMsgId }).then(function (message) {
+      upsertConversation(to, message);
+      if (active === to) thread.confirm(clientMsgId, message);
+    }, function (error) {
+      if (active === to) thread.fail(clientMsgId, error);
+    });
+  });
+
+  $("new-chat").addEventListener("submit", function (event) {
+    event.preventDefault();
+    var peer = $("new-chat-peer").value.trim();
+    $("new-chat-peer").value = "";
+    if (peer) openConversation(peer);
+  });
+
+  // ---- start --------------------------------------------------------------------------------------
+
+  renderConsultation();
+  Promise.all([loadConversations(), loadConsultations()]).catch(function (error) {
+    if (error.code !== "unauthenticated") D.showBanner($("banner"), "Could not load conversations: " + error.message, true);
+  }).then(function () {
+    if (session.peer) openConversation(session.peer);
+  });
+  client.connect().catch(function () { /* shown by the status pill and the banner */ });
+})();

@@ -1,0 +1,92 @@
+/* The patient chat: one conversation with the family doctor, live through the SDK. */
+(function () {
+  "use strict";
+  var D = window.IMDemo;
+  var session = D.readSession();
+  var $ = function (id) { return document.getElementById(id); };
+
+  if (!session.token) {
+    D.showLogin(session);
+    return;
+  }
+  $("me").textContent = session.user;
+
+  var client = new window.IMClient({ url: session.server, token: session.token });
+  var thread = new D.Thread($("thread"), session);
+  var reads = D.readMarker(client, { channel: "pm", peer: function () { return session.peer; } }, thread);
+  window.imDemo = { client: client, thread: thread, session: session };
+
+  D.bindStatus(client, $("status"), function () {
+    D.showBanner($("banner"), "Your session has expired or the token is invalid. Please sign in again.", true);
+    $("send").disabled = true;
+  });
+
+  function inThisConversation(m) {
+    if (m.channel !== "pm") return false;
+    var me = session.user;
+    var peer = session.peer;
+    if ((m.from === me && m.to === peer) || (m.from === peer && m.to === me)) return true;
+    // Consultation events may be sent for an operator who is staff: then only `to` names a party.
+    return !!m.event && (m.to === peer || m.from === peer);
+  }
+
+  function showConsultation(m) {
+    if (m.event === "consultation.started") $("consultation-state").textContent = "Consultation in progress";
+    if (m.event === "consultation.ended") $("consultation-state").textContent = "Consultation ended";
+  }
+
+  client.on("message", function (m) {
+    if (!inThisConversation(m)) return;
+    if (thread.add(m)) {
+      if (m.event) showConsultation(m);
+      reads.schedule();
+    }
+  });
+  client.on("receipt", function (r) {
+    if (r.channel === "pm" && r.user === session.peer) thread.applyReceipt(r.seq);
+  });
+  client.on("connected", function () { D.showBanner($("banner"), ""); });
+
+  D.bindComposer($("composer"), $("input"), function (text) {
+    var clientMsgId = window.IMClient.newId();
+    thread.addPending(clientMsgId, text);
+    client.sendP2P(session.peer, text, { clientMsgId: clientMsgId }).then(function (message) {
+      thread.confirm(clientMsgId, message);
+    }, function (error) {
+      thread.fail(clientMsgId, error);
+    });
+  });
+
+  function start() {
+    $("app").hidden = false;
+    $("peer-name").textContent = session.peer;
+    $("peer-avatar").textContent = D.initials(session.peer);
+    document.title = "Chat with " + session.peer;
+    D.loadPmHistory(session, session.peer, 50).then(function (history) {
+      history.messages.forEach(function (m) {
+        thread.add(m);
+        if (m.event) showConsultation(m);
+      });
+      reads.schedule();
+    }, function (error) {
+      if (error.code !== "unauthenticated") D.showBanner($("banner"), "Could not load the history: " + error.message, true);
+    });
+    client.connect().catch(function () { /* shown by the status pill and the banner */ });
+    $("input").focus();
+  }
+
+  if (session.peer) {
+    start();
+  } else {
+    // No doctor named: continue the most recent conversation, if there is one.
+    D.api(session, "/api/v1/conversations?" + D.query({ user_id: session.user })).then(function (body) {
+      var last = (body.conversations || []).filter(function (c) { return c.channel === "pm"; })[0];
+      if (!last) throw new Error("no conversation yet");
+      session.peer = last.peer;
+      D.writeFragment(session);
+      start();
+    }).catch(function () {
+      D.showLogin(session, { message: "Whom would you like to talk to? Enter your doctor's id." });
+    });
+  }
+})();

@@ -1,0 +1,604 @@
+"""The JavaScript SDK and the demo pages in a real headless Chromium (SPEC §8).
+
+The server runs as a real process (`python run.py`, test profile) so a test can SIGKILL and restart
+it under a connected page. Playwright's sync API drives Debian's /usr/bin/chromium; it never
+downloads a browser. On failure every open page leaves a screenshot in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import expect as pw_expect
+
+from server.auth import mint_token
+from tests.conftest import ROOT, MongoProcess, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+SERVER_READY_TIMEOUT_SECS = 20.0
+UI_TIMEOUT_MS = 10_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+# ---- a real server process ------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """`python run.py` on a fixed port and database; can be killed and started again."""
+
+    def __init__(self, mongo_uri: str, secret: str, log_dir: Path):
+        self.port = free_port()
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.secret = secret
+        self.log_dir = log_dir
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("IM_")}
+        self.env.update(
+            {
+                "IM_PROFILE": "test",
+                "IM_PORT": str(self.port),
+                "IM_MONGO_URI": mongo_uri,
+                "IM_DB_NAME": f"b_{uuid.uuid4().hex[:12]}",
+                "IM_AUTH_SECRET": secret,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log_path = self.log_dir / f"server-{self.port}-{self.starts}.log"
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "run.py"], cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT_SECS
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.origin + "/api/v1/status", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server not ready after {SERVER_READY_TIMEOUT_SECS}s:\n{log_path.read_text()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to the sockets; the browser sees the TCP connection die."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def token(self, sub: str, role: str) -> str:
+        return mint_token(self.secret, sub, role, 3600)
+
+    def call(self, method: str, path: str, body: Any = None, as_: tuple[str, str] | None = None) -> tuple[int, Any]:
+        """A REST call as a user: (status, JSON body)."""
+        headers = {"Content-Type": "application/json"}
+        if as_ is not None:
+            headers["Authorization"] = f"Bearer {self.token(*as_)}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.origin + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read() or b"null")
+
+    def send_pm(self, sender: str, to: str, content: str, role: str = "doctor") -> dict[str, Any]:
+        status, message = self.call(
+            "POST",
+            "/api/v1/chats/pm",
+            {"from": sender, "to": to, "contentType": 1, "content": content},
+            as_=(sender, role),
+        )
+        assert status == 201, (status, message)
+        return message  # type: ignore[no-any-return]
+
+    def history(self, user: str, peer: str, role: str = "patient") -> list[dict[str, Any]]:
+        status, body = self.call("GET", f"/api/v1/chats/pm?user_id={user}&peer={peer}&limit=200", as_=(user, role))
+        assert status == 200, body
+        return body["messages"]  # type: ignore[no-any-return]
+
+    def page_url(self, page: str, token: str, **fragment: str) -> str:
+        extra = "".join(f"&{k}={v}" for k, v in fragment.items())
+        return f"{self.origin}/sdk/pages/{page}#token={token}{extra}"
+
+
+@pytest.fixture(scope="module")
+def secret() -> str:
+    return secrets.token_hex(24)
+
+
+@pytest.fixture(scope="module")
+def server(mongo: MongoProcess, secret: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess(mongo.uri, secret, tmp_path_factory.mktemp("server"))
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def own_server(mongo: MongoProcess, secret: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server process of the test's own, for tests that kill or stop it."""
+    process = ServerProcess(mongo.uri, secret, tmp_path)
+    process.start()
+    yield process
+    process.stop()
+
+
+# ---- the browser ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+class Pages:
+    """Opens pages in fresh browser contexts; records page errors and dialogs (alert() = failed XSS)."""
+
+    def __init__(self, browser: Browser):
+        self.browser = browser
+        self.contexts: list[BrowserContext] = []
+        self.pages: list[tuple[str, Page]] = []
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.websockets: list[str] = []
+
+    def open(self, name: str, url: str, bypass_csp: bool = False) -> Page:
+        context = self.browser.new_context(viewport={"width": 1100, "height": 720}, bypass_csp=bypass_csp)
+        self.contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
+        page.on("dialog", self._on_dialog)
+        page.on("websocket", lambda ws: self.websockets.append(ws.url))
+        page.goto(url)
+        self.pages.append((name, page))
+        return page
+
+    def _on_dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def sdk_page(self, server: ServerProcess) -> Page:
+        """A same-origin page with only the SDK loaded, for SDK-level tests.
+
+        Its CSP is bypassed because page.wait_for_function() evaluates strings; the demo pages keep
+        theirs (their tests use locators only).
+        """
+        page = self.open("sdk", server.origin + "/sdk/pages/index.html", bypass_csp=True)
+        page.add_script_tag(url="/sdk/im.client.js")
+        return page
+
+    def screenshot_all(self, test_name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
+        for name, page in self.pages:
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{safe}-{name}.png"), full_page=True)
+            except Exception as exc:  # a crashed page must not hide the test's own failure
+                print(f"screenshot of {name} failed: {exc}")
+
+    def close(self) -> None:
+        for context in self.contexts:
+            context.close()
+
+
+@pytest.fixture
+def pages(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Pages]:
+    opened = Pages(browser)
+    failed_before = request.session.testsfailed
+    yield opened
+    # The call phase has been reported by now: a failure has raised testsfailed.
+    if request.session.testsfailed > failed_before:
+        opened.screenshot_all(request.node.name)
+    opened.close()
+
+
+def wait_online(page: Page) -> None:
+    pw_expect(page.locator("#status")).to_have_attribute("data-state", "online")
+
+
+def thread_texts(page: Page) -> list[str]:
+    return page.locator("#thread .msg .text").all_text_contents()
+
+
+def wait_for_text(page: Page, text: str) -> None:
+    pw_expect(page.locator("#thread .msg .text", has_text=text).first).to_be_visible()
+
+
+def send_from_page(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def run_js(page: Page, function: str, arg: Any = None, timeout_ms: int = UI_TIMEOUT_MS) -> Any:
+    """page.evaluate() with a deadline: a Promise that never settles must fail the test, not hang it."""
+    wrapped = f"""async (arg) => {{
+        const fn = {function};
+        let timer;
+        const deadline = new Promise((_, reject) => {{
+            timer = setTimeout(() => reject(new Error('no result within {timeout_ms} ms')), {timeout_ms});
+        }});
+        try {{ return await Promise.race([fn(arg), deadline]); }} finally {{ clearTimeout(timer); }}
+    }}"""
+    return page.evaluate(wrapped, arg)
+
+
+# ---- SDK ------------------------------------------------------------------------------------------
+
+
+def test_sdk_loads_as_global_and_as_es_module(server: ServerProcess, pages: Pages) -> None:
+    page = pages.sdk_page(server)
+    info = run_js(
+        page,
+        """async () => {
+        const module = await import('/sdk/im.client.mjs');
+        return {global: typeof window.IMClient, version: window.IMClient.VERSION,
+                moduleDefault: typeof module.default, named: module.IMClient === module.default,
+                jquery: typeof window.jQuery};
+    }""",
+    )
+    assert info == {
+        "global": "function",
+        "version": info["version"],
+        "moduleDefault": "function",
+        "named": True,
+        "jquery": "undefined",
+    }
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"])
+
+
+def test_send_p2p_resolves_with_the_acknowledged_message(server: ServerProcess, pages: Pages) -> None:
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, token}) => {
+        const client = new IMClient({url, token});
+        await client.connect();
+        const first = await client.sendP2P('SdkDoctor', 'hello 你好 🌹', {clientMsgId: 'sdk-1'});
+        const again = await client.sendP2P('SdkDoctor', 'hello 你好 🌹', {clientMsgId: 'sdk-1'});
+        const auto = await client.sendP2P('SdkDoctor', 'second');
+        let rejected = null;
+        try {
+            await client.sendP2P('SdkDoctor', 'not a url', {contentType: 4});
+        } catch (e) {
+            rejected = {code: e.code, name: e.name, hasId: typeof e.clientMsgId === 'string'};
+        }
+        client.close();
+        return {first, again, auto, rejected, userId: client.userId, state: client.state};
+    }""",
+        {"url": server.origin, "token": server.token("SdkPatient", "patient")},
+    )
+    first = result["first"]
+    assert first["from"] == "SdkPatient" and first["to"] == "SdkDoctor" and first["channel"] == "pm"
+    assert first["content"] == "hello 你好 🌹" and first["contentType"] == 1 and first["seq"] == 1
+    assert first["clientMsgId"] == "sdk-1" and first["id"]
+    assert result["again"]["id"] == first["id"]  # same clientMsgId: the original, nothing new stored
+    assert result["auto"]["seq"] == 2 and len(result["auto"]["clientMsgId"]) >= 16
+    assert result["rejected"] == {"code": "invalid_field", "name": "IMError", "hasId": True}
+    assert result["userId"] == "SdkPatient" and result["state"] == "closed"
+    stored = server.history("SdkPatient", "SdkDoctor")
+    assert [m["content"] for m in stored] == ["hello 你好 🌹", "second"]
+
+
+@pytest.mark.parametrize("kind", ["badly_signed", "expired", "garbage"])
+def test_bad_token_gives_unauthenticated_and_no_reconnect_loop(server: ServerProcess, pages: Pages, kind: str) -> None:
+    token = {
+        "badly_signed": mint_token("another-secret-0123456789abcdef0123", "Mallory", "patient", 3600),
+        "expired": mint_token(server.secret, "Mallory", "patient", -60),
+        "garbage": "not-a-jwt",
+    }[kind]
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, token}) => {
+        const client = new IMClient({url, token, reconnectMinDelayMs: 50, reconnectMaxDelayMs: 200});
+        const errors = [];
+        let connected = 0;
+        client.on('error', (e) => errors.push(e.code));
+        client.on('connected', () => connected++);
+        let rejected = null;
+        try { await client.connect(); } catch (e) { rejected = e.code; }
+        // With these short back-off delays a reconnect loop would make many attempts by now.
+        await new Promise((r) => setTimeout(r, 1200));
+        return {errors, connected, rejected, state: client.state};
+    }""",
+        {"url": server.origin, "token": token},
+    )
+    assert result == {"errors": ["unauthenticated"], "connected": 0, "rejected": "unauthenticated", "state": "closed"}
+    assert len([u for u in pages.websockets if "/ws?" in u]) == 1
+
+
+def test_duplicate_deliveries_are_dropped(server: ServerProcess, pages: Pages) -> None:
+    """Without received markers the server re-sends on reconnect (at least once); the SDK emits once."""
+    page = pages.sdk_page(server)
+    run_js(
+        page,
+        """async ({url, token}) => {
+        // Count raw frames to prove the server really sent the message twice.
+        window.rawMessageFrames = [];
+        class CountingSocket extends WebSocket {
+            constructor(u) {
+                super(u);
+                this.addEventListener('message', (e) => {
+                    const f = JSON.parse(e.data);
+                    if (f.type === 'message') window.rawMessageFrames.push(f.message.id);
+                });
+            }
+        }
+        const client = new IMClient({url, token, WebSocket: CountingSocket, autoReceive: false});
+        window.emitted = [];
+        window.connects = 0;
+        client.on('message', (m) => window.emitted.push(m.id));
+        client.on('connected', () => window.connects++);
+        window.client = client;
+        await client.connect();
+    }""",
+        {"url": server.origin, "token": server.token("DupPatient", "patient")},
+    )
+    message = server.send_pm("DupDoctor", "DupPatient", "only once please")
+    page.wait_for_function("window.emitted.length === 1")
+    page.evaluate("() => { window.client.reconnect(); }")
+    page.wait_for_function("window.connects === 2 && window.rawMessageFrames.length >= 2")
+    second = server.send_pm("DupDoctor", "DupPatient", "and a new one")
+    page.wait_for_function("window.emitted.length === 2")
+    state = page.evaluate("({raw: window.rawMessageFrames, emitted: window.emitted})")
+    assert state["raw"].count(message["id"]) == 2
+    assert state["emitted"] == [message["id"], second["id"]]
+
+
+def test_received_markers_follow_and_read_gives_a_receipt(server: ServerProcess, pages: Pages) -> None:
+    page = pages.sdk_page(server)
+    run_js(
+        page,
+        """async ({url, patientToken, doctorToken}) => {
+        window.received = [];
+        window.receipts = [];
+        const patient = new IMClient({url, token: patientToken});
+        const doctor = new IMClient({url, token: doctorToken});
+        patient.on('message', (m) => window.received.push(m));
+        doctor.on('receipt', (r) => window.receipts.push(r));
+        await Promise.all([patient.connect(), doctor.connect()]);
+        window.patient = patient;
+        await doctor.sendP2P('MarkPatient', 'from the doctor');
+    }""",
+        {
+            "url": server.origin,
+            "patientToken": server.token("MarkPatient", "patient"),
+            "doctorToken": server.token("MarkDoctor", "doctor"),
+        },
+    )
+    page.wait_for_function("window.received.length === 1")
+    # The patient's own send comes back as an ack: contiguous, so the marker moves past it too.
+    page.evaluate("() => { window.patient.sendP2P('MarkDoctor', 'from the patient'); }")
+
+    def conversation() -> dict[str, Any]:
+        status, body = server.call("GET", "/api/v1/conversations?user_id=MarkPatient", as_=("MarkPatient", "patient"))
+        assert status == 200, body
+        return body["conversations"][0]  # type: ignore[no-any-return]
+
+    deadline = time.monotonic() + 5
+    while conversation()["receivedSeq"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert conversation()["receivedSeq"] == 2
+    assert conversation()["unread"] == 1
+
+    page.evaluate("window.patient.markRead({channel: 'pm', peer: 'MarkDoctor', seq: 2})")
+    page.wait_for_function("window.receipts.length === 1")
+    assert page.evaluate("window.receipts[0]") == {"type": "receipt", "channel": "pm", "user": "MarkPatient", "seq": 2}
+    assert conversation()["unread"] == 0
+
+
+def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: ServerProcess, pages: Pages) -> None:
+    page = pages.sdk_page(own_server)
+    run_js(
+        page,
+        """async ({url, token}) => {
+        window.events = [];
+        const client = new IMClient({url, token, heartbeatIntervalMs: 300, pongTimeoutMs: 600,
+                                     reconnectMinDelayMs: 100, reconnectMaxDelayMs: 400});
+        client.on('connected', (i) => window.events.push('connected'));
+        client.on('disconnected', (i) => window.events.push('disconnected'));
+        client.on('error', (e) => window.events.push('error:' + e.code));
+        window.client = client;
+        await client.connect();
+    }""",
+        {"url": own_server.origin, "token": own_server.token("HbPatient", "patient")},
+    )
+    assert own_server.process is not None
+    own_server.process.send_signal(signal.SIGSTOP)  # the TCP connection stays up; nothing answers
+    try:
+        page.wait_for_function("window.events.includes('disconnected')", timeout=5000)
+    finally:
+        own_server.process.send_signal(signal.SIGCONT)
+    page.wait_for_function("window.events.filter((e) => e === 'connected').length === 2", timeout=15000)
+    events = page.evaluate("window.events")
+    assert events[:3] == ["connected", "error:heartbeat_timeout", "disconnected"]
+    message = own_server.send_pm("HbDoctor", "HbPatient", "after the hang")
+    page.evaluate("() => { window.client.on('message', (m) => window.events.push('message:' + m.id)); }")
+    page.wait_for_function(f"window.events.includes('message:{message['id']}')")
+
+
+# ---- the demo pages -------------------------------------------------------------------------------
+
+
+def test_patient_and_doctor_pages_exchange_messages(server: ServerProcess, pages: Pages) -> None:
+    doctor = pages.open("doctor", server.page_url("doctor.html", server.token("Rose", "doctor")))
+    patient = pages.open("patient", server.page_url("patient.html", server.token("Jack", "patient"), peer="Rose"))
+    wait_online(doctor)
+    wait_online(patient)
+
+    send_from_page(patient, "Hello doctor, I have a fever 🤒")
+    wait_for_text(patient, "Hello doctor")
+    pw_expect(patient.locator("#thread .msg.mine .state").last).to_have_text("Sent")
+
+    # Not open on the doctor's side yet: the conversation shows up with an unread count.
+    item = doctor.locator('#conversations .conversation[data-peer="Jack"]')
+    pw_expect(item.locator(".badge")).to_have_text("1")
+    pw_expect(item.locator(".preview")).to_have_text("Hello doctor, I have a fever 🤒")
+    item.click()
+    wait_for_text(doctor, "Hello doctor, I have a fever 🤒")
+    pw_expect(item.locator(".badge")).to_have_text("0")
+    # Opening the thread marks it read; the patient's page shows the receipt.
+    pw_expect(patient.locator("#thread .msg.mine .state").last).to_have_text("Read")
+
+    send_from_page(doctor, "Please take your temperature\nevery 4 hours.")
+    wait_for_text(patient, "Please take your temperature")
+    assert thread_texts(patient) == ["Hello doctor, I have a fever 🤒", "Please take your temperature\nevery 4 hours."]
+    assert thread_texts(doctor) == thread_texts(patient)
+
+    # A reload of the patient page shows the same thread (REST history), each message once.
+    patient.reload()
+    wait_online(patient)
+    pw_expect(patient.locator("#thread .msg")).to_have_count(2)
+
+    # Consultations (SPEC §6) from the console, when this server has the endpoints.
+    status, _ = server.call("GET", "/api/v1/consultations?user_id=Rose", as_=("Rose", "doctor"))
+    if status == 404:
+        assert doctor.locator("#start-consultation").is_disabled()
+        pytest.skip("the consultation endpoints are not routed on this server yet")
+    pw_expect(doctor.locator("#start-consultation")).to_be_enabled()
+    doctor.locator("#start-consultation").click()
+    wait_for_text(patient, "Consultation started")
+    wait_for_text(doctor, "Consultation started")
+    pw_expect(doctor.locator("#consultation-state")).to_have_text("consultation open")
+    pw_expect(patient.locator("#consultation-state")).to_have_text("Consultation in progress")
+    doctor.locator("#end-consultation").click()
+    wait_for_text(patient, "Consultation ended")
+    pw_expect(doctor.locator("#consultation-state")).to_have_text("no open consultation")
+    pw_expect(doctor.locator("#start-consultation")).to_be_enabled()
+    assert not pages.errors, pages.errors
+
+
+def test_markup_in_messages_is_shown_as_text(server: ServerProcess, pages: Pages) -> None:
+    hostile = [
+        "<script>alert(1)</script>",
+        '<img src=x onerror="window.__xss = 1; alert(2)">',
+        "<b>bold?</b> & <a href=javascript:alert(3)>link</a>",
+    ]
+    server.send_pm("Eve", "Victim", hostile[0])  # history, loaded by REST
+    patient = pages.open("patient", server.page_url("patient.html", server.token("Victim", "patient"), peer="Eve"))
+    doctor = pages.open("doctor", server.page_url("doctor.html", server.token("Eve", "doctor"), peer="Victim"))
+    wait_online(patient)
+    wait_online(doctor)
+    server.send_pm("Eve", "Victim", hostile[1])  # live, over the WebSocket
+    send_from_page(patient, hostile[2])  # the patient's own send, through the SDK
+    pw_expect(patient.locator("#thread .msg")).to_have_count(3)
+    pw_expect(doctor.locator("#thread .msg")).to_have_count(3)
+
+    for page in (patient, doctor):
+        assert thread_texts(page) == hostile
+        counts = page.evaluate("""() => ({
+            scripts: document.querySelectorAll('#thread script').length,
+            images: document.querySelectorAll('#thread img').length,
+            links: document.querySelectorAll('#thread a').length,
+            bold: document.querySelectorAll('#thread b, #conversations b').length,
+            xss: window.__xss === undefined ? null : window.__xss,
+        })""")
+        assert counts == {"scripts": 0, "images": 0, "links": 0, "bold": 0, "xss": None}
+    pw_expect(doctor.locator('#conversations .conversation[data-peer="Victim"] .preview')).to_have_text(hostile[2])
+    patient.wait_for_timeout(200)  # give a (wrongly) injected handler the chance to run
+    assert pages.dialogs == []
+    assert not pages.errors, pages.errors
+
+
+def test_page_reconnects_after_a_server_restart_and_shows_everything_once(
+    own_server: ServerProcess, pages: Pages
+) -> None:
+    patient = pages.open("patient", own_server.page_url("patient.html", own_server.token("Ann", "patient"), peer="Bob"))
+    wait_online(patient)
+    own_server.send_pm("Bob", "Ann", "before the crash")
+    wait_for_text(patient, "before the crash")
+    patient.wait_for_timeout(150)  # let the SDK's received marker go out (coalesced over 50 ms)
+
+    own_server.kill()
+    pw_expect(patient.locator("#status")).not_to_have_attribute("data-state", "online")
+    send_from_page(patient, "typed while the server was down")  # queued by the SDK, re-sent later
+    pw_expect(patient.locator("#thread .msg.pending")).to_have_count(1)
+
+    own_server.start()
+    # The page may still be waiting out its back-off: these go to the backlog or arrive live.
+    own_server.send_pm("Bob", "Ann", "sent while you were away 1")
+    own_server.send_pm("Bob", "Ann", "sent while you were away 2")
+    wait_online(patient)
+    wait_for_text(patient, "sent while you were away 2")
+    pw_expect(patient.locator("#thread .msg.pending")).to_have_count(0)
+    own_server.send_pm("Bob", "Ann", "after the restart")
+    wait_for_text(patient, "after the restart")
+
+    expected = [
+        "before the crash",
+        "sent while you were away 1",
+        "sent while you were away 2",
+        "typed while the server was down",
+        "after the restart",
+    ]
+    texts = thread_texts(patient)
+    assert sorted(texts) == sorted(expected), texts
+    stored = [m["content"] for m in own_server.history("Ann", "Bob")]
+    assert sorted(stored) == sorted(expected), stored  # the offline send was stored exactly once
+    # The page's order is the server's seq order.
+    assert texts == stored
+    assert not pages.errors, pages.errors
+
+
+def test_pages_without_a_token_ask_for_one(server: ServerProcess, pages: Pages) -> None:
+    page = pages.open("login", server.origin + "/sdk/pages/patient.html")
+    pw_expect(page.locator("#login")).to_be_visible()
+    page.locator("#login-token").fill(server.token("Kim", "patient"))
+    page.locator("#login-peer").fill("Rose")
+    page.locator("#login button[type=submit]").click()
+    wait_online(page)
+    pw_expect(page.locator("#me")).to_have_text("Kim")
+    pw_expect(page.locator("#peer-name")).to_have_text("Rose")
