@@ -21,7 +21,7 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from handlers.base import as_im_error, log_handler_exception
 from models.conversations import ConversationRef
 from models.validation import parse_client_msg_id, parse_json_object
-from server.auth import Principal, verify_token
+from server.auth import Principal
 from server.errors import IMError, InvalidField, RateLimited
 from server.hub import encode_frame
 from server.ordering import InOrderDelivery
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # A socket whose unsent output grows past this is too slow to keep: it is closed, not buffered forever.
 MAX_PENDING_WRITE_BYTES = 4 * 1024 * 1024
 BACKLOG_FLUSH_EVERY = 100
+WS_TRY_AGAIN_LATER = 1013
 
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
@@ -51,8 +52,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     async def prepare(self) -> None:
         """Refuse before the upgrade: 401 for a bad token, 429 over the connection caps."""
         try:
-            self.principal = verify_token(self.get_query_argument("token", None),
-                                          self.services.settings.auth_secret)
+            self.principal = self.services.tokens.verify(self.get_query_argument("token", None))
             limits = self.services.settings.limits
             hub = self.services.hub
             if hub.count_sockets(self.principal.user_id) >= limits.max_connections_per_user:
@@ -86,14 +86,15 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.services.hub.register(self)
         log.info("socket opened for %s (%s)", self.user_id, self.principal.role)
         try:
-            sent = await self._send_backlog()
+            async with self.services.backlog_slots:
+                sent = await self._send_backlog()
         except (tornado.websocket.WebSocketClosedError, StreamClosedError):
             return
         except Exception as exc:
-            # The database went away mid-backlog: say so and close; the client reconnects and
-            # gets the rest (its received marker has not moved past what it has).
+            # The database is away or overloaded: close with "try again later"; the client
+            # reconnects and gets the rest (its received marker has not moved past what it has).
             log.warning("backlog for %s failed: %s", self.user_id, exc)
-            self.close(1011, "backlog unavailable, reconnect")
+            self.close(WS_TRY_AGAIN_LATER, "backlog unavailable, reconnect")
             return
         held, self._held = self._held, None
         for key, seq, frame in held or ():

@@ -7,14 +7,14 @@ document per (user, conversation) holding the highest received and read seq.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError
 
+from models.batching import BatchedUpdates
 from models.clock import utcnow
 from models.groups import has_member
 from server.db import Database
@@ -62,27 +62,31 @@ class ConversationRef:
 
 
 class ConversationStore:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, write_concern: WriteConcern):
         self._summaries = db.conversations
+        # Journaled like the messages: after a crash the summary must still point at them.
+        self._summary_updates = BatchedUpdates(db.get_collection("conversations", write_concern=write_concern))
         self._cursors = db.cursors
         self._db = db
 
     async def record_message(self, ref: ConversationRef, message: dict[str, Any],
                              members: list[str] | None) -> None:
-        """Advance the summary to this message; never moves it backwards (safe to repeat)."""
+        """Advance the summary to this message; never moves it backwards (safe to repeat).
+
+        Batched with other conversations' updates (models/batching.py): an upsert whose filter
+        misses because the summary is already at or past this seq fails with a duplicate key,
+        which counts as done.
+        """
         seq = message["seq"]
-        update = {"lastSeq": seq, "lastMessage": message, "updatedAt": message["createdAt"]}
-        result = await self._summaries.update_one(
-            {"_id": ref.key, "lastSeq": {"$lt": seq}}, {"$set": update}
-        )
-        if result.matched_count:
-            return
-        doc: dict[str, Any] = {"_id": ref.key, "channel": ref.channel, "conv": ref.conv, **update}
+        on_insert: dict[str, Any] = {"channel": ref.channel, "conv": ref.conv}
         if members is not None:
-            doc["members"] = members
-        # A DuplicateKeyError means it exists with a lastSeq at or above this one: up to date.
-        with contextlib.suppress(DuplicateKeyError):
-            await self._summaries.insert_one(doc)
+            on_insert["members"] = members
+        await self._summary_updates.update(UpdateOne(
+            {"_id": ref.key, "lastSeq": {"$lt": seq}},
+            {"$set": {"lastSeq": seq, "lastMessage": message, "updatedAt": message["createdAt"]},
+             "$setOnInsert": on_insert},
+            upsert=True,
+        ))
 
     async def get_summary(self, ref: ConversationRef) -> dict[str, Any] | None:
         return await self._summaries.find_one({"_id": ref.key})

@@ -23,6 +23,7 @@ from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from models import validation as v
+from models.batching import BatchedInserts
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.groups import GroupStore, NotAMember
@@ -80,6 +81,7 @@ class MessageService:
                  groups: GroupStore, publisher: Publisher, max_content_chars: int):
         self._db = db
         self._collections = {ch: db.get_collection(ch, write_concern=write_concern) for ch in ("sm", "pm", "gm")}
+        self._inserts = {ch: BatchedInserts(collection) for ch, collection in self._collections.items()}
         self._conversations = conversations
         self._groups = groups
         self._publisher = publisher
@@ -162,14 +164,14 @@ class MessageService:
 
     async def _send(self, draft: Draft, origin: object | None) -> tuple[dict[str, Any], bool]:
         ref = draft.ref
-        collection = self._collections[ref.channel]
+        inserts = self._inserts[ref.channel]
         async with self._conversation_lock(ref.key):
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
                 doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields,
                        "seq": seq, "createdAt": utcnow()}
                 try:
-                    await collection.insert_one(doc)
+                    await inserts.insert(doc)
                 except DuplicateKeyError:
                     original = await self._find_by_client_msg_id(draft)
                     if original is not None:

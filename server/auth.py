@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 
 import jwt
 
@@ -14,6 +15,7 @@ ROLES = ("doctor", "patient", "service", "admin")
 STAFF_ROLES = frozenset({"service", "admin"})
 ALGORITHM = "HS256"
 DEFAULT_TTL_SECS = 24 * 3600
+TOKEN_CACHE_ENTRIES = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Principal:
 
 def verify_token(token: str | None, secret: str) -> Principal:
     """Decode and check a JWT; raise Unauthenticated for anything not usable."""
+    return _decode(token, secret)[0]
+
+
+def _decode(token: str | None, secret: str) -> tuple[Principal, float]:
     if not token:
         raise Unauthenticated("missing token")
     try:
@@ -58,7 +64,33 @@ def verify_token(token: str | None, secret: str) -> Principal:
         raise Unauthenticated("invalid token: bad sub")
     if role not in ROLES:
         raise Unauthenticated("invalid token: bad role")
-    return Principal(user_id=sub, role=str(role))
+    return Principal(user_id=sub, role=str(role)), float(claims["exp"])
+
+
+class TokenVerifier:
+    """verify_token with a bounded cache of tokens already verified (then only expiry is checked).
+
+    Doctors' consoles send the same token with every request; checking its signature once per
+    token instead of once per request takes PyJWT off the hot path.
+    """
+
+    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES):
+        self._secret = secret
+        self._max_entries = max_entries
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    def verify(self, token: str | None) -> Principal:
+        if token is not None and (hit := self._verified.get(token)) is not None:
+            principal, expires_at = hit
+            if time.time() < expires_at:
+                return principal
+            del self._verified[token]
+        principal, expires_at = _decode(token, self._secret)
+        assert token is not None
+        self._verified[token] = (principal, expires_at)
+        if len(self._verified) > self._max_entries:
+            self._verified.popitem(last=False)
+        return principal
 
 
 def mint_token(secret: str, sub: str, role: str, ttl_secs: int = DEFAULT_TTL_SECS) -> str:

@@ -25,6 +25,8 @@ LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 WS_GOING_AWAY = 1001
 # Multipart overhead on top of the largest upload; JSON bodies have their own, smaller cap (413).
 BODY_OVERHEAD_BYTES = 64 * 1024
+# Pending TCP connections the kernel keeps for us: a reconnect storm arrives faster than accept().
+LISTEN_BACKLOG = 4096
 
 
 def configure_logging(level: str) -> None:
@@ -70,7 +72,7 @@ async def serve(settings: Settings) -> int:
         server = HTTPServer(make_app(services), xheaders=True,
                             max_body_size=settings.limits.max_file_bytes + BODY_OVERHEAD_BYTES)
         try:
-            server.listen(settings.port)
+            server.listen(settings.port, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             log.error("cannot listen on port %d: %s", settings.port, exc)
             return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
@@ -16,11 +17,14 @@ from models.inbox import Inbox
 from models.membership import GroupService
 from models.messages import MessageService
 from models.presence import Presence
+from server.auth import TokenVerifier
 from server.config import Settings
 from server.db import Database, message_write_concern
 from server.fanout import ChangeStreamFanout
 from server.hub import Hub
 from server.ratelimit import SendRateLimiter
+
+CONCURRENT_BACKLOGS = 32
 
 
 @dataclasses.dataclass
@@ -39,6 +43,10 @@ class Services:
     presence: Presence
     send_limiter: SendRateLimiter
     started_at: float
+    tokens: TokenVerifier
+    # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
+    # here instead of exhausting the database connection pool.
+    backlog_slots: asyncio.Semaphore
     fanout: ChangeStreamFanout | None = None  # set at start-up when change streams are available
 
 
@@ -48,7 +56,7 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
     hub = Hub(on_first_socket=presence.user_came_online, on_last_socket=presence.user_went_offline)
     presence.hub = hub
     groups = GroupStore(db)
-    conversations = ConversationStore(db)
+    conversations = ConversationStore(db, message_write_concern(settings))
     messages = MessageService(db, message_write_concern(settings), conversations, groups, hub,
                               settings.limits.max_content_chars)
     messages.files = files = FileStore(db, message_write_concern(settings))
@@ -67,4 +75,6 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
         presence=presence,
         send_limiter=SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst),
         started_at=time.monotonic(),
+        tokens=TokenVerifier(settings.auth_secret),
+        backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
     )
