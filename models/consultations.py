@@ -114,6 +114,8 @@ class ConsultationService:
         fields = {
             "channel": "pm", "from": operator, "to": to, "contentType": 1, "content": content,
             "event": event, "consultationId": consultation["_id"],
+            # The conversation's two parties: with a staff operator, from/to alone do not name it.
+            "doctor": doctor, "patient": patient,
             # Makes a retried announcement idempotent: one event message per consultation and event.
             "clientMsgId": f"{event}:{consultation['_id']}",
         }

@@ -42,7 +42,8 @@ SEQ_CACHE_SIZE = 100_000
 # Stored field order for the wire; `conv` and `_id` are internal.
 WIRE_FIELDS = (
     "channel", "from", "to", "group", "groupType", "at", "title", "summary", "contentType",
-    "content", "seq", "createdAt", "clientMsgId", "event", "consultationId", "members",
+    "content", "seq", "createdAt", "clientMsgId", "event", "consultationId", "doctor",
+    "patient", "members",
 )
 
 

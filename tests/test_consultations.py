@@ -43,6 +43,7 @@ async def test_service_names_the_operator_and_events_reach_the_backlog(api):
     jack = await api.ws("Jack")  # was offline: gets the event from the backlog
     event = (await jack.recv_type("message"))["message"]
     assert event["event"] == "consultation.started" and event["from"] == "nurse-amy"
+    assert (event["to"], event["doctor"], event["patient"]) == ("Rose", "Rose", "Jack")
     conversations = (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
     assert conversations[0]["peer"] == "Rose"
 
