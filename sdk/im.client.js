@@ -141,9 +141,10 @@
   /** The conversation a message belongs to, from this user's point of view (null: unknown). */
   function conversationOf(message, me) {
     if (message.channel === "pm") {
-      // Consultation events are sent by the system on behalf of an operator, who may be staff
-      // rather than one of the two parties: `from`/`to` then do not name the conversation.
-      if (message.event) return null;
+      // Consultation events name both parties: their operator (`from`) may be staff.
+      if (typeof message.doctor === "string" && typeof message.patient === "string") {
+        return { channel: "pm", peer: message.doctor === me ? message.patient : message.doctor };
+      }
       var peer = message.from !== me ? message.from : message.to;
       return typeof peer === "string" ? { channel: "pm", peer: peer } : null;
     }

@@ -166,16 +166,9 @@
     consultationAction(D.api(session, "/api/v1/consultations/" + encodeURIComponent(c.id) + "/end", { method: "POST", body: {} }));
   });
 
-  /** The patient of a pm message (consultation events may come from staff: ask the REST API). */
+  /** The patient of a pm message (consultation events name it: their sender may be staff). */
   function peerOf(m) {
-    if (m.event && m.consultationId) {
-      var known = consultations.byId.get(m.consultationId);
-      if (known) return Promise.resolve(known.patient);
-      return loadConsultations().then(function () {
-        var found = consultations.byId.get(m.consultationId);
-        return found ? found.patient : (m.from === me ? m.to : m.from);
-      });
-    }
+    if (typeof m.patient === "string") return Promise.resolve(m.patient);
     return Promise.resolve(m.from === me ? m.to : m.from);
   }
 
