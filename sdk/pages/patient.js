@@ -26,8 +26,8 @@
     var me = session.user;
     var peer = session.peer;
     if ((m.from === me && m.to === peer) || (m.from === peer && m.to === me)) return true;
-    // Consultation events may be sent for an operator who is staff: then only `to` names a party.
-    return !!m.event && (m.to === peer || m.from === peer);
+    // Consultation events name both parties (their operator, `from`, may be staff).
+    return m.patient === me && m.doctor === peer;
   }
 
   function showConsultation(m) {
