@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import tornado.web
@@ -14,12 +15,18 @@ access_log = logging.getLogger("im.access")
 SDK_DIR = Path(__file__).resolve().parent.parent / "sdk"
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
+def make_request_logger(log_successes: bool) -> Callable[[tornado.web.RequestHandler], None]:
     """Access log with the path only: the query string may carry a token (/ws?token=...)."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
-                   1000.0 * handler.request.request_time())
+    success_level = logging.INFO if log_successes else logging.DEBUG
+
+    def log_request(handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = success_level if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
+                           1000.0 * handler.request.request_time())
+
+    return log_request
 
 
 def make_app(services: Services) -> tornado.web.Application:
@@ -29,7 +36,7 @@ def make_app(services: Services) -> tornado.web.Application:
     return tornado.web.Application(
         default_handlers(SDK_DIR),
         services=services,
-        log_function=log_request,
+        log_function=make_request_logger(settings.access_log),
         default_handler_class=NotFoundHandler,
         websocket_max_message_size=64 * 1024,  # SPEC §7: larger frames close with 1009
         websocket_ping_interval=settings.ping_interval_secs,

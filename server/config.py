@@ -50,6 +50,8 @@ class Settings:
     # "auto": deliver messages stored by other processes through change streams when the database
     # offers them (a replica set, or nx-27017); "off": this process's own messages only.
     change_streams: str = "auto"
+    # Log every request (method, path, status, time); when false only 4xx/5xx are logged.
+    access_log: bool = True
     shutdown_timeout_secs: float = 8.0
 
     def replace(self, **changes: Any) -> Settings:
@@ -124,4 +126,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ping_timeout_secs=ping_timeout,
         db_startup_timeout_secs=float(db_startup_timeout),
         change_streams=change_streams,
+        access_log=bool(raw.get("access_log", True)),
     )
