@@ -140,6 +140,7 @@ class LiveClient:
             first = False
             conn = await self.ensure_connected()
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # lost ones are retried
             self.acks[client_msg_id] = future
             try:
                 await conn.send(json.dumps({"type": "pm", "to": to, "contentType": 1, "content": content,

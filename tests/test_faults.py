@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 from pymongo import MongoClient
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from bench.fault_kill import run_scenario
@@ -42,7 +42,7 @@ class NoAnswer:
 async def try_post_pm(*args):
     try:
         return await post_pm(*args)
-    except OSError:
+    except (OSError, HTTPClientError):  # refused, or dropped before the answer (HTTPStreamClosedError)
         return NoAnswer()
 
 
