@@ -9,10 +9,11 @@ from typing import Any
 
 import tornado.web
 from pymongo.errors import ConnectionFailure, PyMongoError
+from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPServerRequest
 
 from models.validation import check_id, parse_json_object
-from server.auth import Principal, verify_token
+from server.auth import Principal
 from server.errors import (
     DatabaseUnavailable,
     IMError,
@@ -35,6 +36,10 @@ def as_im_error(exc: BaseException) -> IMError | None:
     return None
 
 
+# A body declared (or sent) larger than the cap is read and dropped up to this many times the cap,
+# and at least DRAIN_MIN_BYTES, so that the client, busy sending, reliably receives the 413.
+DRAIN_FACTOR = 4
+DRAIN_MIN_BYTES = 16 * 1024 * 1024
 # Names of path arguments in error messages, by position (/groups/{id}/members/{user}).
 PATH_ARG_NAMES = ("id", "user")
 
@@ -51,18 +56,55 @@ def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseExcep
         log.error("uncaught exception in %s %s", request.method, request.path, exc_info=value)
 
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
+    """Bodies are streamed so that a body over the cap is a 413 envelope however large it is
+    (a plain handler would meet Tornado's connection-level limit first: a bare 400 and a reset)."""
+
     _principal_cache: Principal | None = None
 
-    def prepare(self) -> None:
-        """Path ids obey the rules of body ids (SPEC §3: "$..." and the like are 400, never a query).
+    def body_cap(self) -> int:
+        """The largest body this handler accepts; JSON handlers share one limit."""
+        return self.services.settings.limits.max_json_body_bytes
 
-        Authentication comes first so that an anonymous caller learns nothing from validation.
+    def too_large(self) -> TooLarge:
+        return TooLarge(f"body: larger than {self.body_cap()} bytes")
+
+    def prepare(self) -> None:
+        """Size this request's body limit, then check path ids (SPEC §3: "$..." is a 400).
+
+        Authentication comes before path validation so an anonymous caller learns nothing from it.
         """
+        self._body = bytearray()
+        self._body_over_cap = False
+        cap = self.body_cap()
+        drain_cap = max(cap * DRAIN_FACTOR, DRAIN_MIN_BYTES)
+        declared = self.request.headers.get("Content-Length", "")
+        length = int(declared) if declared.isdigit() else None
+        if length is not None and length > drain_cap:
+            raise self.too_large()  # answered at once; the connection closes after it
+        connection_cap = cap if length is not None and length <= cap else drain_cap
+        if isinstance(self.request.connection, HTTP1Connection):
+            self.request.connection.set_max_body_size(connection_cap)
         if self.path_args:
             self.authenticate()
             for name, value in zip(PATH_ARG_NAMES, self.path_args, strict=False):
                 check_id(value, name)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body_over_cap:
+            return
+        if len(self._body) + len(chunk) > self.body_cap():
+            self._body_over_cap = True
+            self._body = bytearray()
+            return
+        self._body += chunk
+
+    def body(self) -> bytes:
+        """The request body (raises TooLarge if it passed the cap)."""
+        if self._body_over_cap:
+            raise self.too_large()
+        return bytes(self._body)
 
     @property
     def services(self) -> Services:
@@ -74,11 +116,6 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
 
-    def check_body_size(self) -> None:
-        limit = self.services.settings.limits.max_json_body_bytes
-        if len(self.request.body) > limit:
-            raise TooLarge(f"body: larger than {limit} bytes")
-
     def authenticate(self) -> Principal:
         """The caller from `Authorization: Bearer <jwt>`; 401 otherwise."""
         if self._principal_cache is not None:
@@ -87,7 +124,7 @@ class BaseHandler(tornado.web.RequestHandler):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("Authorization: expected 'Bearer <token>'")
-        self._principal_cache = verify_token(token.strip(), self.services.settings.auth_secret)
+        self._principal_cache = self.services.tokens.verify(token.strip())
         return self._principal_cache
 
     def optional_principal(self) -> Principal | None:
@@ -95,9 +132,12 @@ class BaseHandler(tornado.web.RequestHandler):
             return None
         return self.authenticate()
 
-    def json_body(self) -> dict[str, Any]:
-        self.check_body_size()
-        return parse_json_object(self.request.body)
+    def json_body(self, *, optional: bool = False) -> dict[str, Any]:
+        """The body as a JSON object; with optional=True an empty body is {}."""
+        body = self.body()
+        if optional and not body.strip():
+            return {}
+        return parse_json_object(body)
 
     def query(self) -> dict[str, str]:
         """Query arguments as single strings; a repeated argument is an error, not a list."""

@@ -23,6 +23,6 @@ class ConsultationEndHandler(BaseHandler):
     async def post(self, consultation_id: str) -> None:
         """End: {operator?}; 409 when already closed."""
         principal = self.authenticate()
-        body = self.json_body() if self.request.body.strip() else {}
-        consultation = await self.services.consultations.end(principal, consultation_id, body)
+        consultation = await self.services.consultations.end(principal, consultation_id,
+                                                             self.json_body(optional=True))
         self.write_json(consultation)

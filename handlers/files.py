@@ -2,80 +2,36 @@
 
 from __future__ import annotations
 
-import tornado.web
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from handlers.base import BaseHandler
 from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, parse_byte_range, parse_upload
 from models.validation import check_id
-from server.auth import Principal
-from server.errors import IMError, TooLarge, Unauthenticated
+from server.errors import TooLarge
 
-# A body declared larger than the cap is still read (and dropped) up to this many times the cap, so
-# that the client, which is busy sending it, reliably receives the 413 envelope. Beyond that the
-# 413 goes out at once and the connection closes, which a client may see as a reset.
-DRAIN_FACTOR = 4
 DOWNLOAD_CACHE_CONTROL = "private, max-age=86400"
 
 
-@tornado.web.stream_request_body
 class FileUploadHandler(BaseHandler):
+    """The body is streamed (see BaseHandler) under the upload cap instead of the JSON one."""
+
     SUPPORTED_METHODS = ("POST",)
 
-    def initialize(self) -> None:
-        self._body = bytearray()
-        self._principal: Principal | None = None
-        self._rejection: IMError | None = None
-
-    @property
-    def _body_cap(self) -> int:
+    def body_cap(self) -> int:
         return self.services.settings.limits.max_file_bytes + UPLOAD_OVERHEAD_BYTES
 
-    def prepare(self) -> None:
-        """Runs before the body arrives: authenticate, and size the body limit for this upload."""
-        try:
-            self._principal = self.authenticate()
-        except Unauthenticated as exc:
-            self._rejection = exc  # answered once the body is drained (and dropped)
-        cap = self._body_cap
-        declared = self.request.headers.get("Content-Length", "")
-        length = int(declared) if declared.isdigit() else None
-        if length is None:
-            # Chunked: data_received notices the excess and drains; the connection stops at this.
-            connection_cap = cap * DRAIN_FACTOR
-        elif length > cap:
-            too_large = TooLarge(f"{FILE_FIELD}: the upload is {length} bytes; files may be at "
-                                 f"most {self.services.settings.limits.max_file_bytes} bytes")
-            self._rejection = self._rejection or too_large  # a 401 still comes first
-            if length > cap * DRAIN_FACTOR:
-                raise self._rejection
-            connection_cap = length
-        else:
-            connection_cap = cap
-        if isinstance(self.request.connection, HTTP1Connection):
-            self.request.connection.set_max_body_size(connection_cap)
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._rejection is not None:
-            return
-        if len(self._body) + len(chunk) > self._body_cap:  # chunked uploads declare no length
-            limit = self.services.settings.limits.max_file_bytes
-            self._rejection = TooLarge(f"{FILE_FIELD}: files may be at most {limit} bytes")
-            self._body = bytearray()
-            return
-        self._body += chunk
+    def too_large(self) -> TooLarge:
+        limit = self.services.settings.limits.max_file_bytes
+        return TooLarge(f"{FILE_FIELD}: files may be at most {limit} bytes")
 
     async def post(self) -> None:
         """Store an image or voice upload: 201 {"id", "url", "mimeType", "size"}."""
-        if self._rejection is not None:
-            raise self._rejection
-        assert self._principal is not None
+        principal = self.authenticate()
         owner = self.query().get("owner")
-        upload = parse_upload(self.request.headers.get("Content-Type", ""), bytes(self._body))
+        upload = parse_upload(self.request.headers.get("Content-Type", ""), self.body())
         self._body = bytearray()
         stored = await self.services.files.save_upload(
-            self._principal, upload, self.services.settings.limits.max_file_bytes,
+            principal, upload, self.services.settings.limits.max_file_bytes,
             owner=None if owner is None else check_id(owner, "owner"),
         )
         self.set_header("Location", stored["url"])

@@ -9,6 +9,7 @@ sent per conversation, so nothing is sent twice and nothing is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -151,7 +152,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
         try:
-            self.write_message(frame)
+            self.write_message(frame).add_done_callback(_consume_write_outcome)
         except tornado.websocket.WebSocketClosedError:
             pass
         except StreamBufferFullError:
@@ -208,6 +209,12 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:
         self._write(encode_frame({"type": "pong"}))
+
+
+def _consume_write_outcome(future: asyncio.Future[None]) -> None:
+    """A write to a socket that has since closed fails; that is expected, not an error to log."""
+    if not future.cancelled():
+        future.exception()
 
 
 FrameHandler = Callable[[ChatSocketHandler, dict[str, Any]], Awaitable[None]]

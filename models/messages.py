@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, WriteConcern
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from models import validation as v
 from models.batching import BatchedInserts
@@ -29,7 +30,7 @@ from models.conversations import ConversationRef, ConversationStore
 from models.groups import GroupStore, NotAMember
 from server.auth import Principal
 from server.db import Database
-from server.errors import Forbidden, InvalidField
+from server.errors import DatabaseUnavailable, Forbidden, InvalidField
 from server.inflight import InFlight
 from server.recent import RecentIds
 
@@ -39,6 +40,7 @@ DEFAULT_PAGE_LIMIT = 50
 MAX_PAGE_LIMIT = 200
 SEQ_RETRIES = 20
 SEQ_CACHE_SIZE = 100_000
+DATABASE_DOWN_HOLD_SECS = 1.0
 # Stored field order for the wire; `conv` and `_id` are internal.
 WIRE_FIELDS = (
     "channel", "from", "to", "group", "groupType", "at", "title", "summary", "contentType",
@@ -92,6 +94,7 @@ class MessageService:
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self.files: FileChecker | None = None
         self.inflight = InFlight()
+        self._database_down_until = 0.0
         # Messages this process stored (and so published itself): the change-stream fan-out skips them.
         self.stored_ids = RecentIds()
 
@@ -161,12 +164,24 @@ class MessageService:
     async def send(self, draft: Draft, origin: object | None = None) -> tuple[dict[str, Any], bool]:
         """Store and publish; returns (message, created). A repeated clientMsgId returns the original."""
         with self.inflight.track():
-            return await self._send(draft, origin)
+            try:
+                return await self._send(draft, origin)
+            except ConnectionFailure:
+                self._database_down_until = time.monotonic() + DATABASE_DOWN_HOLD_SECS
+                raise
+
+    def _check_database(self) -> None:
+        """Fail fast while the database was just found unreachable, instead of every queued send
+        waiting out its own timeout."""
+        if time.monotonic() < self._database_down_until:
+            raise DatabaseUnavailable()
 
     async def _send(self, draft: Draft, origin: object | None) -> tuple[dict[str, Any], bool]:
         ref = draft.ref
         inserts = self._inserts[ref.channel]
+        self._check_database()
         async with self._conversation_lock(ref.key):
+            self._check_database()
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
                 doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields,

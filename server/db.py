@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, PyMongoError
@@ -16,9 +17,10 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 MESSAGE_COLLECTIONS = ("sm", "pm", "gm")
-# Short selection timeout: during an outage a request fails fast with 503 instead of hanging.
-SERVER_SELECTION_TIMEOUT_MS = 3000
-OPERATION_TIMEOUT_MS = 10000
+# Short timeouts: during an outage a request fails fast with 503 instead of hanging.
+SERVER_SELECTION_TIMEOUT_MS = 2000
+OPERATION_TIMEOUT_MS = 5000
+HEALTH_CHECK_TIMEOUT_SECS = 1.0
 
 Database = AsyncDatabase[dict[str, Any]]
 
@@ -59,7 +61,8 @@ async def wait_for_database(client: AsyncMongoClient[dict[str, Any]], timeout_se
 
 async def is_database_healthy(db: Database) -> bool:
     try:
-        await db.command("ping")
+        with pymongo.timeout(HEALTH_CHECK_TIMEOUT_SECS):
+            await db.command("ping")
         return True
     except PyMongoError:
         return False

@@ -102,7 +102,14 @@ def services(settings, io_loop):
     built = build_services(settings, client)
     io_loop.run_sync(lambda: ensure_indexes(built.db))
     yield built
-    io_loop.run_sync(built.presence.drain)
+
+    async def settle() -> None:
+        for socket in built.hub.all_sockets():  # sockets the test left open
+            socket.close()
+        await asyncio.sleep(0.05)  # their on_close queues presence writes
+        await built.presence.drain()
+
+    io_loop.run_sync(settle)
     io_loop.run_sync(lambda: client.drop_database(settings.db_name))
     io_loop.run_sync(client.close)
 

@@ -81,8 +81,6 @@ async def test_deeply_nested_json_body_is_400_not_500(api):
     assert_error(response, 400, "invalid_body", "body")
 
 
-@pytest.mark.xfail(strict=True, reason="server/lifecycle.py: the HTTP server's max_body_size (max_file_bytes "
-                   "+ 64 KiB) answers a larger JSON body with Tornado's bare 400 and a reset, not 413")
 def test_json_body_over_the_upload_cap_is_413_too(mongo, tmp_path):
     server = ServerProcess(free_port(), mongo.uri, f"l_{uuid.uuid4().hex[:10]}", tmp_path / "server.log")
     server.start()
