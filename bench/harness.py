@@ -79,8 +79,9 @@ def _http_json(url: str, headers: dict[str, str] | None = None, timeout: float =
 class Stack:
     """nx-27017 + the IM server (test profile), each in its own process."""
 
-    def __init__(self, label: str = "bench"):
+    def __init__(self, label: str = "bench", server_env: dict[str, str] | None = None):
         self.label = label
+        self.server_env = dict(server_env or {})  # e.g. {"IM_CHANGE_STREAMS": "auto"}
         self.tmp = Path(tempfile.mkdtemp(prefix=f"im-{label}-"))
         self.mongo_port = free_port()
         self.port = free_port()
@@ -123,30 +124,40 @@ class Stack:
             finally:
                 client.close()
 
-    def start_server(self) -> None:
+    def spawn_server(self, port: int, extra_env: dict[str, str] | None = None,
+                     log_name: str = "server.log") -> subprocess.Popen[bytes]:
+        """Start one `python run.py` (test profile) on `port` against this Stack's nx-27017 and database."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("IM_")}
         env.update({
             "IM_PROFILE": "test",
-            "IM_PORT": str(self.port),
+            "IM_PORT": str(port),
             "IM_MONGO_URI": self.mongo_uri,
             "IM_DB_NAME": self.db_name,
             "IM_AUTH_SECRET": SECRET,
             "PYTHONUNBUFFERED": "1",
+            **self.server_env,
+            **(extra_env or {}),
         })
-        log = open(self.tmp / "server.log", "ab")
-        self.server = subprocess.Popen([PYTHON, str(ROOT / "run.py")], cwd=ROOT, env=env,
-                                       stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+        log = open(self.tmp / log_name, "ab")
+        return subprocess.Popen([PYTHON, str(ROOT / "run.py")], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+
+    def wait_up(self, proc: subprocess.Popen[bytes], base_url: str, log_name: str = "server.log") -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                _http_json(self.base_url + "/api/v1/status", timeout=1)
-                self._server_starts += 1
-                self._spy(self.server.pid, f"server{self._server_starts}")
+                _http_json(base_url + "/api/v1/status", timeout=1)
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                if self.server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not start:\n" + self.server_log_tail()) from None
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start:\n" + self.server_log_tail(log_name=log_name)) from None
                 time.sleep(0.1)
+
+    def start_server(self) -> None:
+        self.server = self.spawn_server(self.port)
+        self.wait_up(self.server, self.base_url)
+        self._server_starts += 1
+        self._spy(self.server.pid, f"server{self._server_starts}")
 
     def _spy(self, pid: int, name: str) -> None:
         if self.profile_dir is None:
@@ -203,9 +214,9 @@ class Stack:
 
     # ---- observing ----------------------------------------------------------------------------
 
-    def server_log_tail(self, lines: int = 30) -> str:
+    def server_log_tail(self, lines: int = 30, log_name: str = "server.log") -> str:
         try:
-            return "\n".join((self.tmp / "server.log").read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join((self.tmp / log_name).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
@@ -229,6 +240,15 @@ class Stack:
         if os.environ.get("BENCH_DEBUG"):
             print(f"bench: wait_sockets({count}) gave up at {seen}", file=sys.stderr)
         return int(seen)
+
+    def wait_quiet(self, name: str = "nx", below_pct: float = 20.0, timeout: float = 30.0) -> float:
+        """Wait until a process of the stack uses less than below_pct of a core over 0.5 s; returns the wait."""
+        proc = self.procs()[name]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if proc.cpu_percent(interval=0.5) < below_pct:
+                break
+        return round(time.monotonic() - t0, 1)
 
     def procs(self) -> dict[str, psutil.Process]:
         assert self.server is not None and self.nx is not None

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from bench import db_raw, s1_rest_ws, s2_ws_ws, s3_group, s4_capacity, s5_reconnect
+from bench import cluster, db_raw, s1_rest_ws, s2_ws_ws, s3_group, s4_capacity, s5_reconnect
 from bench.harness import Stack, raise_nofile
 
 SCENARIOS: dict[str, tuple[str, Callable[[Stack, int], list[dict[str, Any]]]]] = {
@@ -40,6 +40,8 @@ SCENARIOS: dict[str, tuple[str, Callable[[Stack, int], list[dict[str, Any]]]]] =
            lambda st, n: s4_capacity.scenario(st, n)),
     "s5": ("reconnect storm, 2,000 clients × 20-message backlog, all at once",
            lambda st, n: asyncio.run(s5_reconnect.scenario(st, n, timeout=45.0))),
+    "cluster": ("1 vs 2 server processes on one nx-27017 (change streams), s1 load, 1,000 msgs per set-up",
+                lambda st, n: asyncio.run(cluster.scenario(st, n, messages=1000))),
 }
 
 # (scenario, figure, comparison, bound, label)

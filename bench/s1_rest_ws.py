@@ -74,10 +74,12 @@ class Receivers:
 
 
 async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patients: list[str],
-                   messages: int, concurrency: int, tag: str) -> dict[str, Any]:
+                   messages: int, concurrency: int, tag: str, *, post_base_url: str | None = None,
+                   cpu_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """post_base_url: POST to another server process than the one holding the sockets (bench.cluster)."""
     headers = {d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"}
                for d in doctors}
-    url = stack.base_url + "/api/v1/chats/pm"
+    url = (post_base_url or stack.base_url) + "/api/v1/chats/pm"
     started: dict[str, float] = {}
     accepted: set[str] = set()
     errors: dict[str, int] = {}
@@ -109,7 +111,7 @@ async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patie
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=30)
-    with CpuMeter(stack) as cpu:
+    with CpuMeter(stack, cpu_extra) as cpu:
         t0 = time.perf_counter()
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.gather(*(worker(session) for _ in range(concurrency)))
