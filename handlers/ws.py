@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import tornado.websocket
+from pymongo.errors import PyMongoError
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from handlers.base import as_im_error, log_handler_exception
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_WRITE_BYTES = 4 * 1024 * 1024
 BACKLOG_FLUSH_EVERY = 100
 WS_TRY_AGAIN_LATER = 1013
+BACKLOG_RETRY_DELAY_SECS = 0.5
 
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
@@ -77,18 +79,27 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         parts = urlsplit(origin)
         return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
 
-    async def open(self, *args: str, **kwargs: str) -> None:
+    def open(self, *args: str, **kwargs: str) -> None:
         self._delivery = InOrderDelivery(self._write, self._fetch_missing)
-        # Live frames are held while the backlog goes out, then offered after it.
-        self._held: list[tuple[str, int, str]] | None = []
+        # Live frames (and acks of this socket's own sends) are held while the backlog goes out,
+        # then offered after it; None stands for a message this socket already has.
+        self._held: list[tuple[str, int, str | None]] | None = []
         stream = getattr(self.ws_connection, "stream", None)
         if stream is not None:
             stream.max_write_buffer_size = MAX_PENDING_WRITE_BYTES
         self.services.hub.register(self)
         log.info("socket opened for %s (%s)", self.user_id, self.principal.role)
+        # The backlog runs beside the connection rather than inside open(): Tornado reads no frame,
+        # not even a pong, until open() returns, so a socket queued behind a reconnect storm would
+        # otherwise be closed by its own ping timeout.
+        self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
         try:
             async with self.services.backlog_slots:
-                sent = await self._send_backlog()
+                if self._is_gone():
+                    return  # gone while waiting for a slot
+                sent = await self._send_backlog_retrying()
         except (tornado.websocket.WebSocketClosedError, StreamClosedError):
             return
         except Exception as exc:
@@ -103,6 +114,19 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if sent:
             log.info("sent a backlog of %d messages to %s", sent, self.user_id)
 
+    def _is_gone(self) -> bool:
+        return self.ws_connection is None or self.ws_connection.is_closing()
+
+    async def _send_backlog_retrying(self) -> int:
+        """One retry after a database error: a busy moment should not cost the client a reconnect.
+        Whatever the first attempt sent is not sent again (server/ordering.py drops it)."""
+        try:
+            return await self._send_backlog()
+        except PyMongoError as exc:
+            log.info("backlog for %s: retrying after %s", self.user_id, exc)
+            await asyncio.sleep(BACKLOG_RETRY_DELAY_SECS)
+            return await self._send_backlog()
+
     async def _send_backlog(self) -> int:
         """Every message above the user's received marker, oldest first per conversation."""
         inbox = self.services.inbox
@@ -113,6 +137,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         for ref, received, newest in plan:
             if newest <= received:
                 continue
+            if self._is_gone():
+                break
             async for message in inbox.messages_after(ref, received):
                 frame = encode_frame({"type": "message", "message": message})
                 if self._delivery.offer(ref.key, message["seq"], frame):
@@ -131,6 +157,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if hasattr(self, "principal"):
             self.services.hub.unregister(self)
             if hasattr(self, "_delivery"):
+                # The backlog task is not cancelled (a driver call cancelled mid-flight can leak its
+                # connection): it stops by itself at its next page, seeing the socket closed.
                 self._delivery.close()
             log.info("socket closed for %s (code %s)", self.user_id, self.close_code)
 
@@ -143,7 +171,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             self._delivery.offer(conversation_key, seq, frame)
 
     def note_delivered(self, conversation_key: str, seq: int) -> None:
-        self._delivery.note_delivered(conversation_key, seq)
+        if self._held is not None:
+            self._held.append((conversation_key, seq, None))
+        else:
+            self._delivery.note_delivered(conversation_key, seq)
 
     def push_frame(self, frame: str) -> None:
         self._write(frame)

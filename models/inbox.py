@@ -85,6 +85,8 @@ class Inbox:
         """(conversation, received marker, newest seq) for every conversation of the user."""
         group_ids = await self._groups.ids_for_user(user)
         summaries = await self._conversations.find_summaries(user, group_ids)
+        if not summaries:
+            return []  # a new user: nothing to read, no cursors to look up
         cursors = await self._conversations.get_cursors(user)
         plan = []
         for summary in summaries:

@@ -75,6 +75,9 @@ async def ensure_indexes(db: Database) -> None:
             # seq is dense per conversation; the unique index is what makes concurrent writers
             # from several processes safe (a loser retries with the next seq).
             IndexModel([("conv", ASCENDING), ("seq", ASCENDING)], unique=True, name="conv_seq"),
+            # Redundant on MongoDB (conv_seq's prefix serves it), but the embedded nx-27017 uses
+            # only single-field indexes: without it every backlog read scans the collection.
+            IndexModel([("conv", ASCENDING)], name="conv"),
             # Idempotent sends: one message per (sender, clientMsgId).
             IndexModel(
                 [("from", ASCENDING), ("clientMsgId", ASCENDING)],
@@ -92,9 +95,12 @@ async def ensure_indexes(db: Database) -> None:
     await db.cursors.create_indexes([
         IndexModel([("user", ASCENDING), ("channel", ASCENDING), ("conv", ASCENDING)],
                    unique=True, name="user_conversation"),
+        IndexModel([("user", ASCENDING)], name="user"),  # for nx-27017, as above
     ])
     await db.groups.create_indexes([IndexModel([("members", ASCENDING)], name="members")])
     await db.consultations.create_indexes([
         IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
         IndexModel([("patient", ASCENDING), ("startedAt", DESCENDING)], name="patient_started"),
+        IndexModel([("doctor", ASCENDING)], name="doctor"),  # for nx-27017, as above
+        IndexModel([("patient", ASCENDING)], name="patient"),
     ])

@@ -35,11 +35,14 @@ class Hub:
     def __init__(self, on_first_socket: Callable[[str], None] | None = None,
                  on_last_socket: Callable[[str], None] | None = None):
         self._sockets: dict[str, set[Socket]] = {}
+        self._socket_count = 0  # kept, not summed: the handshake checks it on every connection
         self._on_first_socket = on_first_socket
         self._on_last_socket = on_last_socket
 
     def register(self, socket: Socket) -> None:
         sockets = self._sockets.setdefault(socket.user_id, set())
+        if socket not in sockets:
+            self._socket_count += 1
         sockets.add(socket)
         if len(sockets) == 1 and self._on_first_socket:
             self._on_first_socket(socket.user_id)
@@ -49,6 +52,7 @@ class Hub:
         if sockets is None or socket not in sockets:
             return
         sockets.discard(socket)
+        self._socket_count -= 1
         if not sockets:
             del self._sockets[socket.user_id]
             if self._on_last_socket:
@@ -65,7 +69,7 @@ class Hub:
 
     @property
     def socket_count(self) -> int:
-        return sum(len(s) for s in self._sockets.values())
+        return self._socket_count
 
     @property
     def user_count(self) -> int:

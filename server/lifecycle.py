@@ -27,6 +27,7 @@ WS_GOING_AWAY = 1001
 BODY_OVERHEAD_BYTES = 64 * 1024
 # Pending TCP connections the kernel keeps for us: a reconnect storm arrives faster than accept().
 LISTEN_BACKLOG = 4096
+INFLIGHT_DRAIN_SECS = 4.0
 
 
 def configure_logging(level: str) -> None:
@@ -63,7 +64,6 @@ async def serve(settings: Settings) -> int:
             return 1
         services = build_services(settings, client)
         services.presence.start_heartbeat()
-        stack.push_async_callback(services.presence.stop)
         if settings.change_streams == "auto" and await change_streams_supported(services.db):
             services.fanout = ChangeStreamFanout(services.db, services.hub, services.groups,
                                                  services.messages.stored_ids)
@@ -86,7 +86,10 @@ async def serve(settings: Settings) -> int:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("shutting down")
-        await asyncio.wait_for(shutdown(server, services), settings.shutdown_timeout_secs)
+        try:
+            await asyncio.wait_for(shutdown(server, services), settings.shutdown_timeout_secs)
+        except TimeoutError:
+            log.warning("shutdown took over %.0fs; stopping anyway", settings.shutdown_timeout_secs)
         log.info("stopped")
     return 0
 
@@ -95,12 +98,12 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
     """Stop accepting, let in-flight writes finish, close sockets with 1001, then the database."""
     server.stop()
     try:
-        await asyncio.wait_for(services.messages.inflight.wait_idle(), 5.0)
+        await asyncio.wait_for(services.messages.inflight.wait_idle(), INFLIGHT_DRAIN_SECS)
     except TimeoutError:
         log.warning("shutdown: %d sends still in flight", services.messages.inflight.count)
     for socket in services.hub.all_sockets():
         socket.close(WS_GOING_AWAY, "server shutting down")  # type: ignore[attr-defined]
-    await services.presence.drain()  # lastSeen of the sockets just closed
+    await services.presence.withdraw()  # lastSeen of every user whose socket just closed
     try:
         await asyncio.wait_for(server.close_all_connections(), 2.0)
     except TimeoutError:

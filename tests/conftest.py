@@ -133,9 +133,18 @@ def token(settings):
 def api(http_client, base_url, token, io_loop) -> Iterator[Api]:
     client = Api(http_client, base_url, token)
     yield client
-    for conn in client.sockets:
-        conn.close()
-    io_loop.run_sync(lambda: asyncio.sleep(0.01))  # let the closes reach the server
+
+    async def close_all() -> None:
+        for conn in client.sockets:
+            conn.close()
+        for conn in client.sockets:  # until the close handshake ends and the socket is closed
+            try:
+                while await asyncio.wait_for(conn.read_message(), 1.0) is not None:
+                    pass
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+
+    io_loop.run_sync(close_all)
 
 
 @pytest.fixture

@@ -116,3 +116,23 @@ def test_supervisord_restarts_the_server_after_sigkill(tmp_path):
     finally:
         supervisord.send_signal(signal.SIGTERM)
         supervisord.wait(30)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_sigterm_marks_the_users_of_closed_sockets_offline(server):
+    server.start()
+    conn = await websocket_connect(f"ws://127.0.0.1:{server.port}/ws?token={mint_token(TEST_SECRET, 'Jack', 'patient')}")
+    server.signal(signal.SIGTERM)
+    assert await conn.read_message() is None
+    assert server.wait(10) == 0
+    conn.close()
+    later = ServerProcess(free_port(), server.env["IM_MONGO_URI"], server.env["IM_DB_NAME"],
+                          server.log_path).start()
+    try:
+        request = urllib.request.Request(later.base_url + "/api/v1/users/Jack/presence",
+                                         headers={"Authorization": f"Bearer {mint_token(TEST_SECRET, 'Rose', 'doctor')}"})
+        with urllib.request.urlopen(request) as response:
+            presence = json.load(response)
+        assert presence["online"] is False and presence["lastSeen"]
+    finally:
+        later.stop()
