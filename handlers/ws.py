@@ -1,10 +1,10 @@
 """/ws?token=<jwt>: the live connection of patients (and any other live client).
 
 Authentication happens before the upgrade (a bad token is a 401 response, never an accepted then
-dropped socket). After the upgrade the socket registers with the hub, sends the backlog (every
+dropped socket). After the upgrade the socket registers with the hub, then sends the backlog (every
 message above the user's received marker), then live messages. Live messages that arrive while the
-backlog is being sent are held and released after it; each socket remembers the highest seq it has
-sent per conversation, so nothing is sent twice and nothing is skipped.
+backlog is being sent are held and released after it; server/ordering.py keeps each conversation in
+seq order on the socket, so nothing is sent twice and nothing is skipped.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         # The backlog runs beside the connection rather than inside open(): Tornado reads no frame,
         # not even a pong, until open() returns, so a socket queued behind a reconnect storm would
         # otherwise be closed by its own ping timeout.
-        self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+        self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())  # kept: tasks are weakly held
 
     async def _catch_up(self) -> None:
         try:
