@@ -29,7 +29,11 @@ class ServerProcess:
                                         stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if wait:
-            wait_until_serving(self.base_url)
+            try:
+                wait_until_serving(self.base_url, process=self.process)
+            except (TimeoutError, RuntimeError) as exc:
+                self.kill()
+                raise RuntimeError(f"{exc}\n{self.log_text()[-4000:]}") from None
         return self
 
     def signal(self, signum: int) -> None:
@@ -40,22 +44,32 @@ class ServerProcess:
         assert self.process is not None
         return self.process.wait(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to the sockets; clients see the TCP connection die."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(10)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(12)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_until_serving(base_url: str, timeout_secs: float = 20.0) -> None:
+def wait_until_serving(base_url: str, timeout_secs: float = 20.0,
+                       process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_secs
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
         try:
             with urllib.request.urlopen(base_url + "/api/v1/status", timeout=1) as response:
                 if response.status == 200:
@@ -64,4 +78,4 @@ def wait_until_serving(base_url: str, timeout_secs: float = 20.0) -> None:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{base_url} did not start serving within {timeout_secs}s")
-        time.sleep(0.1)
+        time.sleep(0.05)

@@ -8,12 +8,9 @@ downloads a browser. On failure every open page leaves a screenshot in test-arti
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +24,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from playwright.sync_api import expect as pw_expect
 
 from server.auth import mint_token
-from tests.conftest import ROOT, MongoProcess, free_port
+from tests.conftest import MongoProcess, free_port
+from tests.processes import ROOT, ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,7 +39,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
-SERVER_READY_TIMEOUT_SECS = 20.0
 UI_TIMEOUT_MS = 10_000
 
 pytestmark = [
@@ -52,66 +49,14 @@ pytestmark = [
 # ---- a real server process ------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """`python run.py` on a fixed port and database; can be killed and started again."""
+class BrowserServer(ServerProcess):
+    """`python run.py` on a fixed port and database, with the REST helpers the browser tests use."""
 
     def __init__(self, mongo_uri: str, secret: str, log_dir: Path):
-        self.port = free_port()
-        self.origin = f"http://127.0.0.1:{self.port}"
+        super().__init__(free_port(), mongo_uri, f"b_{uuid.uuid4().hex[:12]}", log_dir / "server.log",
+                         IM_AUTH_SECRET=secret)
+        self.origin = self.base_url
         self.secret = secret
-        self.log_dir = log_dir
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("IM_")}
-        self.env.update(
-            {
-                "IM_PROFILE": "test",
-                "IM_PORT": str(self.port),
-                "IM_MONGO_URI": mongo_uri,
-                "IM_DB_NAME": f"b_{uuid.uuid4().hex[:12]}",
-                "IM_AUTH_SECRET": secret,
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log_path = self.log_dir / f"server-{self.port}-{self.starts}.log"
-        with open(log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "run.py"], cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_SECS
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.origin + "/api/v1/status", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server not ready after {SERVER_READY_TIMEOUT_SECS}s:\n{log_path.read_text()}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no goodbye to the sockets; the browser sees the TCP connection die."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-        if self.process is not None:
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
     def token(self, sub: str, role: str) -> str:
         return mint_token(self.secret, sub, role, 3600)
@@ -156,17 +101,17 @@ def secret() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(mongo: MongoProcess, secret: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(mongo.uri, secret, tmp_path_factory.mktemp("server"))
+def server(mongo: MongoProcess, secret: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserServer]:
+    process = BrowserServer(mongo.uri, secret, tmp_path_factory.mktemp("server"))
     process.start()
     yield process
     process.stop()
 
 
 @pytest.fixture
-def own_server(mongo: MongoProcess, secret: str, tmp_path: Path) -> Iterator[ServerProcess]:
+def own_server(mongo: MongoProcess, secret: str, tmp_path: Path) -> Iterator[BrowserServer]:
     """A server process of the test's own, for tests that kill or stop it."""
-    process = ServerProcess(mongo.uri, secret, tmp_path)
+    process = BrowserServer(mongo.uri, secret, tmp_path)
     process.start()
     yield process
     process.stop()
@@ -210,7 +155,7 @@ class Pages:
         self.dialogs.append(dialog.message)
         dialog.dismiss()
 
-    def sdk_page(self, server: ServerProcess) -> Page:
+    def sdk_page(self, server: BrowserServer) -> Page:
         """A same-origin page with only the SDK loaded, for SDK-level tests.
 
         Its CSP is bypassed because page.wait_for_function() evaluates strings; the demo pages keep
@@ -278,7 +223,7 @@ def run_js(page: Page, function: str, arg: Any = None, timeout_ms: int = UI_TIME
 # ---- SDK ------------------------------------------------------------------------------------------
 
 
-def test_sdk_loads_as_global_and_as_es_module(server: ServerProcess, pages: Pages) -> None:
+def test_sdk_loads_as_global_and_as_es_module(server: BrowserServer, pages: Pages) -> None:
     page = pages.sdk_page(server)
     info = run_js(
         page,
@@ -299,7 +244,7 @@ def test_sdk_loads_as_global_and_as_es_module(server: ServerProcess, pages: Page
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"])
 
 
-def test_send_p2p_resolves_with_the_acknowledged_message(server: ServerProcess, pages: Pages) -> None:
+def test_send_p2p_resolves_with_the_acknowledged_message(server: BrowserServer, pages: Pages) -> None:
     page = pages.sdk_page(server)
     result = run_js(
         page,
@@ -333,7 +278,7 @@ def test_send_p2p_resolves_with_the_acknowledged_message(server: ServerProcess, 
 
 
 @pytest.mark.parametrize("kind", ["badly_signed", "expired", "garbage"])
-def test_bad_token_gives_unauthenticated_and_no_reconnect_loop(server: ServerProcess, pages: Pages, kind: str) -> None:
+def test_bad_token_gives_unauthenticated_and_no_reconnect_loop(server: BrowserServer, pages: Pages, kind: str) -> None:
     token = {
         "badly_signed": mint_token("another-secret-0123456789abcdef0123", "Mallory", "patient", 3600),
         "expired": mint_token(server.secret, "Mallory", "patient", -60),
@@ -360,7 +305,7 @@ def test_bad_token_gives_unauthenticated_and_no_reconnect_loop(server: ServerPro
     assert len([u for u in pages.websockets if "/ws?" in u]) == 1
 
 
-def test_duplicate_deliveries_are_dropped(server: ServerProcess, pages: Pages) -> None:
+def test_duplicate_deliveries_are_dropped(server: BrowserServer, pages: Pages) -> None:
     """Without received markers the server re-sends on reconnect (at least once); the SDK emits once."""
     page = pages.sdk_page(server)
     run_js(
@@ -398,7 +343,7 @@ def test_duplicate_deliveries_are_dropped(server: ServerProcess, pages: Pages) -
     assert state["emitted"] == [message["id"], second["id"]]
 
 
-def test_received_markers_follow_and_read_gives_a_receipt(server: ServerProcess, pages: Pages) -> None:
+def test_received_markers_follow_and_read_gives_a_receipt(server: BrowserServer, pages: Pages) -> None:
     page = pages.sdk_page(server)
     run_js(
         page,
@@ -440,7 +385,7 @@ def test_received_markers_follow_and_read_gives_a_receipt(server: ServerProcess,
     assert conversation()["unread"] == 0
 
 
-def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: ServerProcess, pages: Pages) -> None:
+def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: BrowserServer, pages: Pages) -> None:
     page = pages.sdk_page(own_server)
     run_js(
         page,
@@ -473,7 +418,7 @@ def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: ServerPr
 # ---- the demo pages -------------------------------------------------------------------------------
 
 
-def test_patient_and_doctor_pages_exchange_messages(server: ServerProcess, pages: Pages) -> None:
+def test_patient_and_doctor_pages_exchange_messages(server: BrowserServer, pages: Pages) -> None:
     doctor = pages.open("doctor", server.page_url("doctor.html", server.token("Rose", "doctor")))
     patient = pages.open("patient", server.page_url("patient.html", server.token("Jack", "patient"), peer="Rose"))
     wait_online(doctor)
@@ -521,7 +466,7 @@ def test_patient_and_doctor_pages_exchange_messages(server: ServerProcess, pages
     assert not pages.errors, pages.errors
 
 
-def test_markup_in_messages_is_shown_as_text(server: ServerProcess, pages: Pages) -> None:
+def test_markup_in_messages_is_shown_as_text(server: BrowserServer, pages: Pages) -> None:
     hostile = [
         "<script>alert(1)</script>",
         '<img src=x onerror="window.__xss = 1; alert(2)">',
@@ -554,7 +499,7 @@ def test_markup_in_messages_is_shown_as_text(server: ServerProcess, pages: Pages
 
 
 def test_page_reconnects_after_a_server_restart_and_shows_everything_once(
-    own_server: ServerProcess, pages: Pages
+    own_server: BrowserServer, pages: Pages
 ) -> None:
     patient = pages.open("patient", own_server.page_url("patient.html", own_server.token("Ann", "patient"), peer="Bob"))
     wait_online(patient)
@@ -593,7 +538,7 @@ def test_page_reconnects_after_a_server_restart_and_shows_everything_once(
     assert not pages.errors, pages.errors
 
 
-def test_pages_without_a_token_ask_for_one(server: ServerProcess, pages: Pages) -> None:
+def test_pages_without_a_token_ask_for_one(server: BrowserServer, pages: Pages) -> None:
     page = pages.open("login", server.origin + "/sdk/pages/patient.html")
     pw_expect(page.locator("#login")).to_be_visible()
     page.locator("#login-token").fill(server.token("Kim", "patient"))
