@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,18 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+def _number_from_env(env: Mapping[str, str], name: str, convert: Callable[[str], Any], default: Any,
+                     expected: str) -> Any:
+    """The environment's value of name converted, or default when it is unset."""
+    text = env.get(name)
+    if text is None:
+        return default
+    try:
+        return convert(text)
+    except ValueError:
+        raise ConfigError(f"invalid {name} {text!r}: expected {expected}") from None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read conf/<IM_PROFILE>.toml and apply IM_* environment overrides."""
     env = os.environ if env is None else env
@@ -73,13 +85,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
 
-    port_text = env.get("IM_PORT")
-    port = raw.get("port", 3000)
-    if port_text is not None:
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise ConfigError(f"invalid IM_PORT {port_text!r}: expected an integer") from None
+    port = _number_from_env(env, "IM_PORT", int, raw.get("port", 3000), "an integer")
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"invalid port {port!r}: expected 1-65535")
 
@@ -89,13 +95,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if len(secret) < MIN_SECRET_CHARS:
         raise ConfigError(f"IM_AUTH_SECRET is too short: use at least {MIN_SECRET_CHARS} characters")
 
-    startup_text = env.get("IM_DB_STARTUP_TIMEOUT_SECS")
-    db_startup_timeout = raw.get("db_startup_timeout_secs", 30.0)
-    if startup_text is not None:
-        try:
-            db_startup_timeout = float(startup_text)
-        except ValueError:
-            raise ConfigError(f"invalid IM_DB_STARTUP_TIMEOUT_SECS {startup_text!r}: expected seconds") from None
+    db_startup_timeout = _number_from_env(env, "IM_DB_STARTUP_TIMEOUT_SECS", float,
+                                          raw.get("db_startup_timeout_secs", 30.0), "seconds")
 
     change_streams = env.get("IM_CHANGE_STREAMS") or raw.get("change_streams", "auto")
     if change_streams not in ("auto", "off"):
