@@ -130,7 +130,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     async def _send_backlog(self) -> int:
         """Every message above the user's received marker, oldest first per conversation."""
         inbox = self.services.inbox
-        plan = await inbox.backlog_plan(self.user_id)
+        fanout = self.services.fanout
+        plan = await inbox.backlog_plan(self.user_id, fanout.just_stored.for_user(self.user_id) if fanout else None)
         for ref, received, _newest in plan:
             self._delivery.set_baseline(ref.key, received)
         sent = 0

@@ -81,18 +81,26 @@ class Inbox:
         out.sort(key=lambda e: e["lastMessage"]["createdAt"], reverse=True)
         return out
 
-    async def backlog_plan(self, user: str) -> list[tuple[ConversationRef, int, int]]:
-        """(conversation, received marker, newest seq) for every conversation of the user."""
+    async def backlog_plan(self, user: str, just_stored: Mapping[str, tuple[ConversationRef, int]] | None = None,
+                           ) -> list[tuple[ConversationRef, int, int]]:
+        """(conversation, received marker, newest seq) for every conversation of the user.
+
+        just_stored: conversation key -> (ref, seq) of messages this process learnt of from other
+        processes whose summaries may not be written yet (server/fanout.py); they count too.
+        """
         group_ids = await self._groups.ids_for_user(user)
         summaries = await self._conversations.find_summaries(user, group_ids)
-        if not summaries:
-            return []  # a new user: nothing to read, no cursors to look up
-        cursors = await self._conversations.get_cursors(user)
-        plan = []
+        newest: dict[str, tuple[ConversationRef, int]] = {}
         for summary in summaries:
             ref = ConversationRef(summary["channel"], summary["conv"])
-            plan.append((ref, cursors.get(ref.key, {}).get("received", 0), summary["lastSeq"]))
-        return plan
+            newest[ref.key] = (ref, summary["lastSeq"])
+        for key, (ref, seq) in (just_stored or {}).items():
+            if seq > newest.get(key, (ref, 0))[1]:
+                newest[key] = (ref, seq)
+        if not newest:
+            return []  # a new user: nothing to read, no cursors to look up
+        cursors = await self._conversations.get_cursors(user)
+        return [(ref, cursors.get(key, {}).get("received", 0), seq) for key, (ref, seq) in newest.items()]
 
     async def messages_after(self, ref: ConversationRef, after: int,
                              before: int | None = None) -> AsyncIterator[dict[str, Any]]:

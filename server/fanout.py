@@ -30,6 +30,40 @@ log = logging.getLogger(__name__)
 # Servers without a server-side await on getMore (nx-27017) answer an empty batch at once: poll.
 EMPTY_POLL_SECS = 0.02
 RETRY_BACKOFF_MAX_SECS = 5.0
+# Long enough for the storing process to have written the conversation summary.
+JUST_STORED_KEEP_SECS = 30.0
+
+
+class JustStored:
+    """Per user, the newest seq of each conversation recently stored by other processes."""
+
+    def __init__(self, keep_secs: float = JUST_STORED_KEEP_SECS):
+        self._keep_secs = keep_secs
+        self._by_user: dict[str, dict[str, tuple[ConversationRef, int, float]]] = {}
+        self._next_sweep = time.monotonic() + keep_secs
+
+    def note(self, ref: ConversationRef, seq: int, users: list[str]) -> None:
+        now = time.monotonic()
+        for user in users:
+            entries = self._by_user.setdefault(user, {})
+            if seq > entries.get(ref.key, (ref, 0, now))[1]:
+                entries[ref.key] = (ref, seq, now)
+        if now > self._next_sweep:
+            self._sweep(now)
+
+    def for_user(self, user: str) -> dict[str, tuple[ConversationRef, int]]:
+        cutoff = time.monotonic() - self._keep_secs
+        return {key: (ref, seq) for key, (ref, seq, at) in self._by_user.get(user, {}).items() if at >= cutoff}
+
+    def _sweep(self, now: float) -> None:
+        cutoff = now - self._keep_secs
+        for user in list(self._by_user):
+            fresh = {k: e for k, e in self._by_user[user].items() if e[2] >= cutoff}
+            if fresh:
+                self._by_user[user] = fresh
+            else:
+                del self._by_user[user]
+        self._next_sweep = now + self._keep_secs
 
 
 async def change_streams_supported(db: Database) -> bool:
@@ -51,6 +85,7 @@ class ChangeStreamFanout:
         self._groups = groups
         self._local_ids = local_ids
         self._tasks: list[asyncio.Task[None]] = []
+        self.just_stored = JustStored()
         self._stopping = False
         self.delivered = 0  # messages from other processes delivered here (status, tests)
 
@@ -110,4 +145,7 @@ class ChangeStreamFanout:
             if doc.get("event") == EVENT_MEMBER_REMOVED:
                 recipients += doc.get("members", [])
         self.delivered += 1
+        # Noted before publishing: a socket registered too late for the publish finds it in its
+        # backlog even if the storing process has not written the conversation summary yet.
+        self.just_stored.note(ref, doc["seq"], recipients)
         self._hub.publish_message(ref, message_to_wire(doc), recipients, origin=None)

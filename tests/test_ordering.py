@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from models.conversations import ConversationRef
+from server.fanout import JustStored
 from server.ordering import InOrderDelivery
 
 
@@ -72,3 +74,17 @@ async def test_a_group_joined_since_connect_starts_at_its_first_message():
     delivery.offer("gm:new", 17, "m17")
     delivery.offer("gm:new", 18, "m18")
     assert out.sent == ["m17", "m18"]
+
+
+@pytest.mark.gen_test
+async def test_backlog_counts_messages_another_process_stored_before_their_summary(services, api):
+    just_stored = JustStored()
+    await api.send_pm("Rose", "Jack", "summarised")  # seq 1, summary written
+    pm = ConversationRef.pm("Rose", "Jack")
+    fresh = ConversationRef.pm("Lily", "Jack")  # no summary at all yet
+    just_stored.note(pm, 2, ["Rose", "Jack"])
+    just_stored.note(fresh, 1, ["Lily", "Jack"])
+    plan = await services.inbox.backlog_plan("Jack", just_stored.for_user("Jack"))
+    assert sorted((ref.key, received, newest) for ref, received, newest in plan) == \
+        sorted([(pm.key, 0, 2), (fresh.key, 0, 1)])
+    assert just_stored.for_user("Eve") == {}
