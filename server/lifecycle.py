@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from server import __version__
 from server.app import make_app
@@ -52,6 +53,20 @@ def main() -> int:
 
 
 async def serve(settings: Settings) -> int:
+    """Bind, announce, reach the database, then serve until SIGTERM.
+
+    The port is bound first so that the two pinned start-up lines are the first in the log and a
+    port conflict fails at once; connections wait in the kernel's backlog until the application
+    is ready to accept them.
+    """
+    try:
+        sockets = bind_sockets(settings.port, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        log.error("cannot listen on port %d: %s", settings.port, exc)
+        return 1
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    log.info("Starting IM server, version %s, running on port %d, %s", __version__, settings.port, now)
+    log.info("Configuration profile: %s", settings.profile)
     async with AsyncExitStack() as stack:
         client = create_client(settings)
         stack.push_async_callback(client.close)
@@ -71,14 +86,8 @@ async def serve(settings: Settings) -> int:
             stack.push_async_callback(services.fanout.stop)
         server = HTTPServer(make_app(services), xheaders=True,
                             max_body_size=settings.limits.max_file_bytes + BODY_OVERHEAD_BYTES)
-        try:
-            server.listen(settings.port, backlog=LISTEN_BACKLOG)
-        except OSError as exc:
-            log.error("cannot listen on port %d: %s", settings.port, exc)
-            return 1
-        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        log.info("Starting IM server, version %s, running on port %d, %s", __version__, settings.port, now)
-        log.info("Configuration profile: %s", settings.profile)
+        server.add_sockets(sockets)
+        log.info("serving; database %s ready", settings.db_name)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -36,6 +36,7 @@ def test_start_up_logs_the_two_lines_in_order(server):
     server.start()
     lines = server.log_text().splitlines()
     starting = next(i for i, line in enumerate(lines) if "Starting IM server" in line)
+    assert starting == 0, lines[:3]  # the first lines a newcomer sees
     assert re.search(rf"Starting IM server, version {re.escape(__version__)}, running on port {server.port}, "
                      r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", lines[starting])
     assert lines[starting + 1].endswith("Configuration profile: test")
