@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xstatic.pkg.jquery
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from playwright.sync_api import expect as pw_expect
 
@@ -275,6 +276,25 @@ def test_send_p2p_resolves_with_the_acknowledged_message(server: BrowserServer, 
     assert result["userId"] == "SdkPatient" and result["state"] == "closed"
     stored = server.history("SdkPatient", "SdkDoctor")
     assert [m["content"] for m in stored] == ["hello 你好 🌹", "second"]
+
+
+def test_sdk_works_beside_a_real_jquery(server: BrowserServer, pages: Pages) -> None:
+    """The seed's SDK needed jQuery first; this one needs nothing and must not mind it either."""
+    page = pages.open("jquery", server.origin + "/sdk/pages/index.html", bypass_csp=True)
+    page.add_script_tag(path=str(Path(xstatic.pkg.jquery.BASE_DIR) / "jquery.min.js"))
+    page.add_script_tag(url="/sdk/im.client.js")
+    result = run_js(
+        page,
+        """async ({url, token}) => {
+        const client = new IMClient({url, token});
+        await client.connect();
+        const sent = await client.sendP2P('JqDoctor', 'with jQuery');
+        client.close();
+        return {jquery: window.jQuery.fn.jquery, dollar: window.$ === window.jQuery, seq: sent.seq};
+    }""",
+        {"url": server.origin, "token": server.token("JqPatient", "patient")},
+    )
+    assert result == {"jquery": "3.7.1", "dollar": True, "seq": 1}
 
 
 @pytest.mark.parametrize("kind", ["badly_signed", "expired", "garbage"])
