@@ -15,7 +15,7 @@ from pymongo import DESCENDING, ReturnDocument
 from models import validation as v
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef
-from models.messages import MessageService
+from models.messages import Draft, MessageService
 from server.auth import Principal
 from server.db import Database
 from server.errors import Conflict, Forbidden, InvalidField, NotFound
@@ -120,5 +120,5 @@ class ConsultationService:
             "clientMsgId": f"{event}:{consultation['_id']}",
         }
         pair = sorted({doctor, patient})
-        draft = self._messages.draft_event(ConversationRef.pm(doctor, patient), fields, pair, pair)
+        draft = Draft(ConversationRef.pm(doctor, patient), fields, pair, pair)
         await self._messages.send(draft)

@@ -19,8 +19,6 @@ from models.clock import utcnow
 from models.groups import has_member
 from server.db import Database
 
-CHANNELS = ("sm", "pm", "gm")
-
 
 def pm_conv(a: str, b: str) -> str:
     """The pm key of an unordered pair; length-prefixed so ids may contain any character."""

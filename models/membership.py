@@ -13,7 +13,7 @@ from typing import Any
 from models import validation as v
 from models.conversations import ConversationRef, ConversationStore
 from models.groups import GroupStore, NotAMember
-from models.messages import MessageService
+from models.messages import Draft, MessageService
 from server.auth import Principal
 from server.errors import Forbidden, InvalidField
 
@@ -94,5 +94,5 @@ class GroupService:
             "channel": "gm", "from": operator, "group": group["_id"], "groupType": group["groupType"],
             "contentType": 1, "content": content, "event": event, "members": members,
         }
-        draft = self._messages.draft_event(ConversationRef.gm(group["_id"]), fields, recipients, None)
+        draft = Draft(ConversationRef.gm(group["_id"]), fields, recipients, None)
         await self._messages.send(draft)

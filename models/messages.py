@@ -154,11 +154,6 @@ class MessageService:
         await self._check_content(fields, data, principal.user_id)
         return Draft(ConversationRef.sm(to), fields, [to], [to])
 
-    def draft_event(self, ref: ConversationRef, fields: dict[str, Any], recipients: list[str],
-                    summary_members: list[str] | None) -> Draft:
-        """A system event carried as a message (consultations, membership changes)."""
-        return Draft(ref, fields, recipients, summary_members)
-
     # ---- storing ------------------------------------------------------------------------------
 
     async def send(self, draft: Draft, origin: object | None = None) -> tuple[dict[str, Any], bool]:

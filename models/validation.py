@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 from server.errors import InvalidBody, InvalidField
 
 MAX_ID_CHARS = 128
-CONTENT_TYPES = {1: "text", 2: "image", 3: "voice", 4: "hyperlink"}
 CONTENT_TYPE_HYPERLINK = 4
 MEDIA_CONTENT_TYPES = frozenset({2, 3})
 MAX_TITLE_CHARS = 200

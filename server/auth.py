@@ -40,12 +40,8 @@ class Principal:
             raise Forbidden(f"{field} must be the token's own user")
 
 
-def verify_token(token: str | None, secret: str) -> Principal:
-    """Decode and check a JWT; raise Unauthenticated for anything not usable."""
-    return _decode(token, secret)[0]
-
-
 def _decode(token: str | None, secret: str) -> tuple[Principal, float]:
+    """Decode and check a JWT: (principal, expiry); Unauthenticated for anything not usable."""
     if not token:
         raise Unauthenticated("missing token")
     try:
@@ -68,7 +64,7 @@ def _decode(token: str | None, secret: str) -> tuple[Principal, float]:
 
 
 class TokenVerifier:
-    """verify_token with a bounded cache of tokens already verified (then only expiry is checked).
+    """JWT verification with a bounded cache of tokens already verified (then only expiry is checked).
 
     Doctors' consoles send the same token with every request; checking its signature once per
     token instead of once per request takes PyJWT off the hot path.

@@ -87,7 +87,6 @@ class ChangeStreamFanout:
         self._tasks: list[asyncio.Task[None]] = []
         self.just_stored = JustStored()
         self._stopping = False
-        self.delivered = 0  # messages from other processes delivered here (status, tests)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -144,7 +143,6 @@ class ChangeStreamFanout:
             recipients = list(group["members"]) if group else []
             if doc.get("event") == EVENT_MEMBER_REMOVED:
                 recipients += doc.get("members", [])
-        self.delivered += 1
         # Noted before publishing: a socket registered too late for the publish finds it in its
         # backlog even if the storing process has not written the conversation summary yet.
         self.just_stored.note(ref, doc["seq"], recipients)
