@@ -10,13 +10,14 @@ from typing import Any
 import tornado.web
 from pymongo.errors import ConnectionFailure, PyMongoError
 from tornado.http1connection import HTTP1Connection
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
 from models.validation import check_id, parse_json_object
 from server.auth import Principal
 from server.errors import (
     DatabaseUnavailable,
     IMError,
+    InvalidField,
     NotFound,
     TooLarge,
     Unauthenticated,
@@ -44,6 +45,14 @@ DRAIN_MIN_BYTES = 16 * 1024 * 1024
 PATH_ARG_NAMES = ("id", "user")
 
 
+def declared_body_length(headers: HTTPHeaders) -> int | None:
+    """The body size a request declares: 0 without a body, None when unknown until it ends (chunked)."""
+    if "Transfer-Encoding" in headers:
+        return None
+    declared = headers.get("Content-Length", "0").strip()
+    return int(declared) if declared.isdigit() else None  # a bad one is Tornado's 400 later
+
+
 def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseException | None, tb: Any) -> None:
     """Log a failed request by method and path only: query strings may carry tokens (/ws?token=)."""
     if isinstance(value, IMError):
@@ -62,6 +71,11 @@ class BaseHandler(tornado.web.RequestHandler):
     (a plain handler would meet Tornado's connection-level limit first: a bare 400 and a reset)."""
 
     _principal_cache: Principal | None = None
+    # False: a body is read without a token (only public handlers that take none).
+    requires_token = True
+    # Set once prepare() has let the request through to its body (see closes_connection).
+    _admitted = False
+    _answer_now = False
 
     def body_cap(self) -> int:
         """The largest body this handler accepts; JSON handlers share one limit."""
@@ -71,28 +85,67 @@ class BaseHandler(tornado.web.RequestHandler):
         return TooLarge(f"body: larger than {self.body_cap()} bytes")
 
     def prepare(self) -> None:
-        """Size this request's body limit, then check path ids (SPEC §3: "$..." is a 400).
+        """Authenticate, check path ids (SPEC §3: "$..." is a 400) and size the body, before any body
+        byte is read: an anonymous body is never read beyond a small, quickly timed-out drain.
 
-        Authentication comes before path validation so an anonymous caller learns nothing from it.
+        A refusal found here is answered once the request's small body has been read and dropped.
+        Answering before that makes Tornado close the connection without saying so, and a client
+        that reuses it from its keep-alive pool (aiohttp, http.client) fails its *next* request.
+        A body too large (or of unknown size) to drain is refused at once with `Connection: close`.
         """
         self._body = bytearray()
         self._body_over_cap = False
+        self._keep_body = True
+        length = declared_body_length(self.request.headers)
+        try:
+            self.admit(length)
+        except IMError as refusal:
+            self.defer_refusal(refusal, length)
+        self._admitted = True
+
+    def admit(self, length: int | None) -> None:
+        """Let a request through to its body, or raise why not (the caller defers the answer)."""
+        if self.path_args or (self.requires_token and length != 0):
+            self.authenticate()  # before path validation, so an anonymous caller learns nothing
+        for name, value in zip(PATH_ARG_NAMES, self.path_args, strict=False):
+            check_id(value, name)
         cap = self.body_cap()
         drain_cap = max(cap * DRAIN_FACTOR, DRAIN_MIN_BYTES)
-        declared = self.request.headers.get("Content-Length", "")
-        length = int(declared) if declared.isdigit() else None
         if length is not None and length > drain_cap:
-            raise self.too_large()  # answered at once; the connection closes after it
-        connection_cap = cap if length is not None and length <= cap else drain_cap
+            raise self.too_large()
+        http = self.services.settings.http
+        self.limit_body(cap if length is not None and length <= cap else drain_cap,
+                        http.body_timeout_secs if self.requires_token else http.refused_body_timeout_secs)
+
+    def defer_refusal(self, refusal: IMError, length: int | None) -> None:
+        """Answer `refusal` once the body is drained, or now (closing) if it is too large to drain."""
+        if length is None or length > self.services.settings.limits.max_json_body_bytes:
+            self._answer_now = True
+            raise refusal
+        self._keep_body = False
+        self.limit_body(length, self.services.settings.http.refused_body_timeout_secs)
+
+        def answer_refusal(*_args: Any, **_kwargs: Any) -> None:
+            raise refusal
+
+        # Tornado calls the handler method for the request's verb (get, post, ...) only once the
+        # body has been read: shadowing it on this instance answers the refusal then.
+        setattr(self, self.request.method.lower() if self.request.method else "get", answer_refusal)
+
+    def limit_body(self, max_bytes: int, timeout_secs: float) -> None:
+        """How much body this request may send, and how long it may take (then the connection closes)."""
         if isinstance(self.request.connection, HTTP1Connection):
-            self.request.connection.set_max_body_size(connection_cap)
-        if self.path_args:
-            self.authenticate()
-            for name, value in zip(PATH_ARG_NAMES, self.path_args, strict=False):
-                check_id(value, name)
+            self.request.connection.set_max_body_size(max_bytes)
+            self.request.connection.set_body_timeout(timeout_secs)
+
+    @property
+    def closes_connection(self) -> bool:
+        """True when this answer goes out before the body was read, so Tornado will close the
+        connection after it (refused in prepare, or an unsupported method before prepare ran)."""
+        return not self._admitted or self._answer_now
 
     def data_received(self, chunk: bytes) -> None:
-        if self._body_over_cap:
+        if self._body_over_cap or not self._keep_body:
             return
         if len(self._body) + len(chunk) > self.body_cap():
             self._body_over_cap = True
@@ -125,6 +178,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("Authorization: expected 'Bearer <token>'")
         self._principal_cache = self.services.tokens.verify(token.strip())
+        self.services.directory.note_principal(self._principal_cache)  # who is a doctor (models/directory.py)
         return self._principal_cache
 
     def optional_principal(self) -> Principal | None:
@@ -144,11 +198,12 @@ class BaseHandler(tornado.web.RequestHandler):
         out: dict[str, str] = {}
         for name, values in self.request.query_arguments.items():
             if len(values) != 1:
-                raise IMError(f"{name}: given more than once", code="invalid_field")
+                raise InvalidField(name, "given more than once")
             try:
+                # Strict UTF-8: an encoded surrogate (%ED%A0%80) or a stray byte is refused here.
                 out[name] = values[0].decode("utf-8")
             except UnicodeDecodeError:
-                raise IMError(f"{name}: not valid UTF-8", code="invalid_field") from None
+                raise InvalidField(name, "not valid UTF-8") from None
         return out
 
     def write_json(self, payload: Any, status: int = 200) -> None:
@@ -163,10 +218,12 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_status(im_error.status)
             body = im_error.envelope()
         elif isinstance(exc, tornado.web.HTTPError):
-            body = error_envelope(_code_for_status(status_code), exc.log_message or _reason(status_code))
+            body = error_envelope(code_for_status(status_code), exc.log_message or reason_phrase(status_code))
         else:
-            body = error_envelope(_code_for_status(status_code), _reason(status_code))
+            body = error_envelope(code_for_status(status_code), reason_phrase(status_code))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if self.closes_connection:
+            self.set_header("Connection", "close")  # so clients take a new connection for the next request
         self.finish(json.dumps(body, ensure_ascii=False))
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
@@ -176,16 +233,18 @@ class BaseHandler(tornado.web.RequestHandler):
 class NotFoundHandler(BaseHandler):
     """Unknown paths get the JSON envelope too."""
 
-    def prepare(self) -> None:
+    requires_token = False
+
+    def admit(self, length: int | None) -> None:
         raise NotFound(f"no such endpoint: {self.request.method} {self.request.path}")
 
 
-def _reason(status_code: int) -> str:
+def reason_phrase(status_code: int) -> str:
     try:
         return HTTPStatus(status_code).phrase
     except ValueError:
         return "error"
 
 
-def _code_for_status(status_code: int) -> str:
-    return _reason(status_code).lower().replace(" ", "_").replace("-", "_")
+def code_for_status(status_code: int) -> str:
+    return reason_phrase(status_code).lower().replace(" ", "_").replace("-", "_")

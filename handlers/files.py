@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tornado.iostream import StreamClosedError
 
 from handlers.base import BaseHandler
-from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, parse_byte_range, parse_upload
+from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, RangeNotSatisfiable, parse_byte_range, parse_upload
 from models.validation import check_id
 from server.errors import TooLarge
 
 DOWNLOAD_CACHE_CONTROL = "private, max-age=86400"
 
 
-class FileUploadHandler(BaseHandler):
-    """The body is streamed (see BaseHandler) under the upload cap instead of the JSON one."""
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: "*" matches any existing file; otherwise a weak comparison with each tag."""
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
-    SUPPORTED_METHODS = ("POST",)
+
+class FileUploadHandler(BaseHandler):
+    """The body is streamed (see BaseHandler) under the upload cap instead of the JSON one.
+
+    Other methods get Tornado's default 405 once the body is read (a SUPPORTED_METHODS list would
+    answer before it and cost the client its keep-alive connection).
+    """
 
     def body_cap(self) -> int:
         return self.services.settings.limits.max_file_bytes + UPLOAD_OVERHEAD_BYTES
@@ -42,12 +53,13 @@ class FileUploadHandler(BaseHandler):
 
 
 class FileDownloadHandler(BaseHandler):
-    SUPPORTED_METHODS = ("GET", "HEAD")
+    _file_size: int | None = None
 
     async def get(self, file_id: str, include_body: bool = True) -> None:
         """Stream a file the caller may read, chunk by chunk; 404 if missing or forbidden alike."""
         principal = self.authenticate()
         download = await self.services.files.open_download(principal, file_id)
+        self._file_size = download.size
         try:
             etag = f'"{download.id}"'  # files never change, so the id is a strong validator
             self.set_header("Content-Type", download.mime_type)
@@ -57,7 +69,7 @@ class FileDownloadHandler(BaseHandler):
             self.set_header("Cache-Control", DOWNLOAD_CACHE_CONTROL)
             self.set_header("ETag", etag)
             self.set_header("Accept-Ranges", "bytes")
-            if etag in self.request.headers.get("If-None-Match", ""):
+            if etag_matches(self.request.headers.get("If-None-Match", ""), etag):
                 self.set_status(304)
                 return
             byte_range = parse_byte_range(self.request.headers.get("Range"), download.size)
@@ -79,3 +91,10 @@ class FileDownloadHandler(BaseHandler):
     async def head(self, file_id: str) -> None:
         """Headers only (size, type) without the body."""
         await self.get(file_id, include_body=False)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, RangeNotSatisfiable) and self._file_size is not None:
+            # RFC 9110 §15.5.17: a 416 says how large the file is, so a player can ask again.
+            self.set_header("Content-Range", f"bytes */{self._file_size}")
+        super().write_error(status_code, **kwargs)

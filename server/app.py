@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tornado.web
+from tornado import httputil
 
 from handlers.routes import default_handlers
+from server.http_guard import SECURITY_HEADERS, SERVER_NAME, content_security_policy
 from server.services import Services
 
 access_log = logging.getLogger("im.access")
@@ -29,6 +31,23 @@ def make_request_logger(log_successes: bool) -> Callable[[tornado.web.RequestHan
     return log_request
 
 
+class SecurityHeaders(tornado.web.OutputTransform):
+    """Adds SECURITY_HEADERS, a Content-Security-Policy and our Server name to every answer, whichever
+    handler wrote it (REST, StaticFileHandler's /sdk/ files, a refused WebSocket handshake)."""
+
+    def transform_first_chunk(self, status_code: int, headers: httputil.HTTPHeaders, chunk: bytes,
+                              finishing: bool) -> tuple[int, httputil.HTTPHeaders, bytes]:
+        for name, value in SECURITY_HEADERS.items():
+            headers.setdefault(name, value)
+        # A handler with a stricter page policy of its own keeps it. A 304 carries no Content-Type, and
+        # browsers merge its headers into the cached page: a resource policy there would block the
+        # page's own scripts after a reload, so the cached answer keeps the policy it came with.
+        if status_code != 304:
+            headers.setdefault("Content-Security-Policy", content_security_policy(headers.get("Content-Type", "")))
+        headers["Server"] = SERVER_NAME  # not "TornadoServer/<version>"
+        return status_code, headers, chunk
+
+
 def make_app(services: Services) -> tornado.web.Application:
     from handlers.base import NotFoundHandler
 
@@ -41,5 +60,6 @@ def make_app(services: Services) -> tornado.web.Application:
         websocket_max_message_size=64 * 1024,  # SPEC §7: larger frames close with 1009
         websocket_ping_interval=settings.ping_interval_secs,
         websocket_ping_timeout=settings.ping_timeout_secs,
-        compress_response=True,
+        # Given explicitly, transforms replace compress_response=True's gzip: name both.
+        transforms=[tornado.web.GZipContentEncoding, SecurityHeaders],
     )

@@ -15,7 +15,14 @@ ROLES = ("doctor", "patient", "service", "admin")
 STAFF_ROLES = frozenset({"service", "admin"})
 ALGORITHM = "HS256"
 DEFAULT_TTL_SECS = 24 * 3600
+DEFAULT_MAX_TTL_SECS = 7 * 24 * 3600  # SPEC §3: max_token_ttl_secs
 TOKEN_CACHE_ENTRIES = 50_000
+
+
+class TokenLifetimeTooLong(Unauthenticated):
+    """A token minted to live longer than max_token_ttl_secs (a leaked one would stay usable)."""
+
+    code = "token_lifetime_too_long"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +47,7 @@ class Principal:
             raise Forbidden(f"{field} must be the token's own user")
 
 
-def _decode(token: str | None, secret: str) -> tuple[Principal, float]:
+def _decode(token: str | None, secret: str, max_ttl_secs: float) -> tuple[Principal, float]:
     """Decode and check a JWT: (principal, expiry); Unauthenticated for anything not usable."""
     if not token:
         raise Unauthenticated("missing token")
@@ -60,18 +67,27 @@ def _decode(token: str | None, secret: str) -> tuple[Principal, float]:
         raise Unauthenticated("invalid token: bad sub")
     if role not in ROLES:
         raise Unauthenticated("invalid token: bad role")
-    return Principal(user_id=sub, role=str(role)), float(claims["exp"])
+    expires_at = float(claims["exp"])
+    # PyJWT has checked that iat, when present, is a number and not in the future.
+    issued_at = float(claims["iat"]) if "iat" in claims else time.time()
+    if expires_at - issued_at > max_ttl_secs:
+        raise TokenLifetimeTooLong(f"token lifetime over the {max_ttl_secs:.0f}s maximum (exp - iat)")
+    return Principal(user_id=sub, role=str(role)), expires_at
 
 
 class TokenVerifier:
     """JWT verification with a bounded cache of tokens already verified (then only expiry is checked).
 
     Doctors' consoles send the same token with every request; checking its signature once per
-    token instead of once per request takes PyJWT off the hot path.
+    token instead of once per request takes PyJWT off the hot path. The lifetime cap stays right
+    for cached tokens: exp - iat never changes, and without iat exp - now only shrinks, so a token
+    accepted once stays within the cap; refusals are never cached.
     """
 
-    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES):
+    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES,
+                 max_ttl_secs: float = DEFAULT_MAX_TTL_SECS):
         self._secret = secret
+        self._max_ttl_secs = max_ttl_secs
         self._max_entries = max_entries
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
@@ -81,7 +97,7 @@ class TokenVerifier:
             if time.time() < expires_at:
                 return principal
             del self._verified[token]
-        principal, expires_at = _decode(token, self._secret)
+        principal, expires_at = _decode(token, self._secret, self._max_ttl_secs)
         assert token is not None
         self._verified[token] = (principal, expires_at)
         if len(self._verified) > self._max_entries:

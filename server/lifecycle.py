@@ -18,14 +18,13 @@ from server.app import make_app
 from server.config import ConfigError, Settings, load_settings
 from server.db import create_client, ensure_indexes, wait_for_database
 from server.fanout import ChangeStreamFanout, change_streams_supported
+from server.http_guard import make_http_server
 from server.services import Services, build_services
 
 log = logging.getLogger("im.server")
 
 LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 WS_GOING_AWAY = 1001
-# Multipart overhead on top of the largest upload; JSON bodies have their own, smaller cap (413).
-BODY_OVERHEAD_BYTES = 64 * 1024
 # Pending TCP connections the kernel keeps for us: a reconnect storm arrives faster than accept().
 LISTEN_BACKLOG = 4096
 INFLIGHT_DRAIN_SECS = 4.0
@@ -78,14 +77,14 @@ async def serve(settings: Settings) -> int:
                       settings.db_name, settings.db_startup_timeout_secs, exc)
             return 1
         services = build_services(settings, client)
+        await services.conversations.upgrade_summaries()  # once: summaries older than issue 13
         services.presence.start_heartbeat()
         if settings.change_streams == "auto" and await change_streams_supported(services.db):
             services.fanout = ChangeStreamFanout(services.db, services.hub, services.groups,
                                                  services.messages.stored_ids)
             services.fanout.start()
             stack.push_async_callback(services.fanout.stop)
-        server = HTTPServer(make_app(services), xheaders=True,
-                            max_body_size=settings.limits.max_file_bytes + BODY_OVERHEAD_BYTES)
+        server = make_http_server(make_app(services), settings)
         server.add_sockets(sockets)
         log.info("serving; database %s ready", settings.db_name)
 

@@ -130,6 +130,28 @@ async def test_range_request_for_media_players(api):
 
 
 @pytest.mark.gen_test
+async def test_unsatisfiable_range_says_how_large_the_file_is(api):
+    data = png_bytes()
+    file_id = await uploaded_id(api, data)
+    for header in (f"bytes={len(data)}-", "bytes=-0"):
+        beyond = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"Range": header})
+        assert_error(beyond, 416, "range_not_satisfiable")
+        assert beyond.headers["Content-Range"] == f"bytes */{len(data)}"  # RFC 9110 §15.5.17
+
+
+@pytest.mark.parametrize("if_none_match", ["*", ' W/"{id}" ', '"other", "{id}"'])
+@pytest.mark.gen_test
+async def test_if_none_match_star_or_any_listed_tag_is_304_for_an_existing_file(api, if_none_match):
+    file_id = await uploaded_id(api)
+    again = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR,
+                          headers={"If-None-Match": if_none_match.replace("{id}", file_id)})
+    assert again.code == 304 and again.body == b""
+    assert again.headers["ETag"] == f'"{file_id}"'
+    other = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"If-None-Match": '"something-else"'})
+    assert other.code == 200
+
+
+@pytest.mark.gen_test
 async def test_head_and_conditional_get(api):
     file_id = await uploaded_id(api)
     head = await api.request("HEAD", f"/api/v1/files/{file_id}", as_=DOCTOR)
