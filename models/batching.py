@@ -5,7 +5,9 @@ in flight go to the database together in the next insert_many / bulk_write (unor
 At low load a batch is one document and nothing waits for a timer; under load one round trip
 carries many messages. Each caller gets its own outcome: stored, DuplicateKeyError for its
 document, or the error of the whole batch (then nothing is acknowledged and the sender retries
-with its clientMsgId).
+with its clientMsgId). A document the driver cannot encode (a lone surrogate, an int over 64
+bits) fails the whole insert before anything is sent; the batch is then split until that error
+lands on its own item, so one bad document never fails the others (LESSONS 13).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from bson.errors import InvalidDocument, InvalidStringData
 from pymongo import UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, WriteConcernError
@@ -21,6 +24,10 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, 
 MAX_BATCH = 500
 MAX_IN_FLIGHT = 2
 DUPLICATE_KEY = 11000
+# Raised by the driver while encoding a batch, before any byte is sent: nothing of it was written.
+# This holds because a batch fits one wire message (MAX_BATCH documents of at most a JSON body's
+# 64 KiB each stay far below the 48 MB message limit), so no earlier part of it was sent already.
+ENCODING_ERRORS = (InvalidDocument, InvalidStringData, UnicodeEncodeError, OverflowError)
 
 Item = TypeVar("Item")
 
@@ -47,7 +54,7 @@ class _Batcher(Generic[Item]):
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[None]]]) -> None:
         try:
-            failures = await self._flush_batch([item for item, _ in batch])
+            failures = await self._flush_attributed([item for item, _ in batch])
         except Exception as exc:  # the whole batch failed: every caller hears it
             failures = {i: exc for i in range(len(batch))}
         finally:
@@ -61,6 +68,25 @@ class _Batcher(Generic[Item]):
             else:
                 future.set_exception(error)
         self._start_flushes()
+
+    async def _flush_attributed(self, items: list[Item]) -> dict[int, Exception]:
+        """Flush items; when encoding fails (nothing written), flush halves until the error is one item's."""
+        try:
+            flushed: dict[int, Exception] = await self._flush_batch(items)
+            return flushed
+        except ENCODING_ERRORS as exc:
+            if len(items) == 1:
+                return {0: exc}
+        # Halving costs about 2·log2(n) round trips per bad item, only in this rare path.
+        middle = len(items) // 2
+        failures: dict[int, Exception] = {}
+        for offset, part in ((0, items[:middle]), (middle, items[middle:])):
+            try:
+                part_failures = await self._flush_attributed(part)
+            except Exception as exc:  # this part failed whole (the database went away): only its items hear it
+                part_failures = dict.fromkeys(range(len(part)), exc)
+            failures.update({offset + index: error for index, error in part_failures.items()})
+        return failures
 
 
 def _per_item_errors(exc: BulkWriteError, count: int, ignore_duplicates: bool) -> dict[int, Exception]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,16 +28,59 @@ MAX_SEQ = 2**53  # fits JSON numbers in every client
 OBJECT_ID_RE = re.compile(r"^[0-9a-f]{24}$")  # ids the server generates (ObjectId hex)
 FILE_ID_RE = OBJECT_ID_RE
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode categories an id must not hold: controls (C0, DEL, C1), format characters (zero-width
+# space and joiners, bidi overrides and isolates, BOM, soft hyphen), surrogates, line and
+# paragraph separators. Each makes two ids that look the same, or reorders what a screen shows.
+_ID_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# URLs: RFC 3986 excludes these ASCII characters; browsers percent-encode them, so a raw one means
+# the string was not a URL a person copied (an attribute or markup break-out, a log injection).
+_URL_FORBIDDEN_ASCII_RE = re.compile(r'[\x00-\x20\x7f"<>\\^`{|}]')  # and space and C0 controls
+_URL_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Zs"})  # beyond ASCII
+
+
+# A lone surrogate (JSON "\ud800") is a valid Python str but no UTF-8 exists for it: BSON cannot
+# store it and a UTF-8 frame cannot carry it. (A paired escape, "\ud83d\ude00", decodes to one
+# code point, so any surrogate left in a decoded string is unpaired.)
+def has_surrogates(value: str) -> bool:
+    """True when value holds an unpaired surrogate, so it cannot be encoded as UTF-8 (or BSON)."""
+    if value.isascii():
+        return False
+    try:  # in C, about twice as fast as a regex search on CJK text (it runs on every frame)
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def id_problem(value: object) -> str | None:
+    """Why value is not a user or group id, or None when it is one."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        return "must be a string of 1-128 characters"
+    if value.startswith("$"):
+        return "must not start with '$'"
+    if value.isascii():  # the common case, without a per-character scan
+        if _CONTROL_CHARS_RE.search(value):
+            return "must not hold control characters"
+    else:
+        for char in value:
+            category = unicodedata.category(char)
+            if category == "Cs":
+                return f"must be valid Unicode text (an unpaired surrogate U+{ord(char):04X})"
+            if category in _ID_FORBIDDEN_CATEGORIES:
+                return f"must not hold control, format or invisible characters (U+{ord(char):04X})"
+            if category == "Zs" and char != " ":  # a no-break or ideographic space looks like " "
+                return f"must not hold spaces other than U+0020 (U+{ord(char):04X})"
+        # Rejected rather than normalised: normalising could merge two users that already exist.
+        if not unicodedata.is_normalized("NFC", value):
+            return "must be in Unicode NFC (composed) form"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    return None
 
 
 def is_valid_id(value: object) -> bool:
-    """A user or group id: a 1-128 character string, no leading '$', no control characters."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_ID_CHARS
-        and not value.startswith("$")
-        and not _CONTROL_CHARS_RE.search(value)
-    )
+    """A user or group id (rules in id_problem); server/auth.py applies it to a token's sub too."""
+    return id_problem(value) is None
 
 
 def parse_json_object(body: bytes | str, what: str = "body") -> dict[str, Any]:
@@ -65,10 +109,9 @@ def optional_id(data: Mapping[str, Any], field: str) -> str | None:
 
 
 def check_id(value: object, field: str) -> str:
-    if not is_valid_id(value):
-        raise InvalidField(
-            field, "must be a string of 1-128 characters, not starting with '$', no control characters"
-        )
+    problem = id_problem(value)
+    if problem is not None:
+        raise InvalidField(field, problem)
     assert isinstance(value, str)
     return value
 
@@ -110,6 +153,8 @@ def parse_text(data: Mapping[str, Any], field: str, *, max_chars: int, required:
         return None
     if not isinstance(value, str):
         raise InvalidField(field, "must be a string")
+    if has_surrogates(value):
+        raise InvalidField(field, "must be valid Unicode text (it holds an unpaired surrogate)")
     if required and not value.strip():
         raise InvalidField(field, "must not be empty")
     if len(value) > max_chars:
@@ -118,11 +163,21 @@ def parse_text(data: Mapping[str, Any], field: str, *, max_chars: int, required:
 
 
 def is_http_url(value: str) -> bool:
+    """An absolute http(s) URL with a host that parses cleanly: no whitespace, control, format
+    or RFC 3986-excluded characters anywhere. Non-ASCII letters may stay (browsers accept IRIs)."""
+    if _URL_FORBIDDEN_ASCII_RE.search(value):
+        return False
+    if not value.isascii() and any(unicodedata.category(char) in _URL_FORBIDDEN_CATEGORIES
+                                   for char in value if not char.isascii()):
+        return False
     try:
         parts = urlsplit(value)
+        port = parts.port  # raises ValueError unless a number in 0-65535
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in value
+    # No userinfo: "https://clinic.example@evil.example/" shows one host and opens another.
+    return (parts.scheme in ("http", "https") and value[len(parts.scheme):].startswith("://")
+            and bool(parts.hostname) and "@" not in parts.netloc and port != 0)
 
 
 def parse_content(data: Mapping[str, Any], max_chars: int) -> tuple[int, str]:
@@ -149,4 +204,6 @@ def parse_client_msg_id(data: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_CLIENT_MSG_ID_CHARS:
         raise InvalidField("clientMsgId", f"must be a string of 1-{MAX_CLIENT_MSG_ID_CHARS} characters")
+    if has_surrogates(value):
+        raise InvalidField("clientMsgId", "must be valid Unicode text (it holds an unpaired surrogate)")
     return value

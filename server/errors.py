@@ -75,6 +75,12 @@ class DatabaseUnavailable(IMError):
         super().__init__(message)
 
 
+class ClientMsgIdReused(Conflict):
+    """A clientMsgId sent again with a different message (SPEC §4): a 409, never a silent drop."""
+
+    code = "client_msg_id_reused"
+
+
 def error_envelope(code: str, message: str) -> dict[str, Any]:
     """SPEC §5: {"error": {"code", "message"}}."""
     return {"error": {"code": code, "message": message}}
