@@ -1,4 +1,4 @@
-"""Per-user reads: /api/v1/users/{id}/groups and /api/v1/users/{id}/presence."""
+"""Per-user calls: /api/v1/users/{id}/groups, /presence and /role."""
 
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ class PresenceHandler(BaseHandler):
         user = check_id(user_id, "id")
         await self.services.presence.check_visible(principal, user)
         self.write_json(await self.services.presence.get(user))
+
+
+class UserRoleHandler(BaseHandler):
+    async def put(self, user_id: str) -> None:
+        """Staff declare a user's role: {"role": "doctor" | "patient"} (who may be a consultation's doctor)."""
+        principal = self.authenticate()
+        user = check_id(user_id, "id")
+        self.write_json(await self.services.directory.declare_role(principal, user, self.json_body()))

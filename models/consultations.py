@@ -11,11 +11,14 @@ from typing import Any
 
 from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from models import validation as v
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef
+from models.directory import UserDirectory
 from models.messages import Draft, MessageService
+from models.throttling import ActionLimiter
 from server.auth import Principal
 from server.db import Database
 from server.errors import Conflict, Forbidden, InvalidField, NotFound
@@ -23,6 +26,35 @@ from server.errors import Conflict, Forbidden, InvalidField, NotFound
 EVENT_STARTED = "consultation.started"
 EVENT_ENDED = "consultation.ended"
 STATUSES = ("open", "closed")
+
+
+class ConsultationOpen(Conflict):
+    code = "consultation_open"
+
+
+class ConsultationClosed(Conflict):
+    code = "consultation_closed"
+
+
+class NotADoctor(Conflict):
+    """The `doctor` named is not known as a doctor (no doctor token seen, no staff declaration)."""
+
+    code = "not_a_doctor"
+
+
+class PatientIsDoctor(Conflict):
+    """The `patient` named is known as a doctor."""
+
+    code = "patient_is_doctor"
+
+
+def open_key(doctor: str, patient: str) -> str:
+    """What an open consultation holds in `openKey`; the unique index lets one per pair hold it.
+
+    A closed one holds its own id instead of losing the field: the embedded nx-27017 ignores
+    partial filters, so the index must stay unique over every document that has the field.
+    """
+    return f"{len(doctor)}:{doctor}|{patient}"
 
 
 def consultation_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,9 +71,12 @@ def consultation_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ConsultationService:
-    def __init__(self, db: Database, messages: MessageService):
+    def __init__(self, db: Database, messages: MessageService, directory: UserDirectory,
+                 limiter: ActionLimiter):
         self._consultations = db.consultations
         self._messages = messages
+        self._directory = directory
+        self._limiter = limiter
 
     def _operator(self, principal: Principal, data: Mapping[str, Any], parties: tuple[str, str]) -> str:
         """Staff name the operator explicitly; anyone else is the operator and must be a party."""
@@ -63,25 +98,35 @@ class ConsultationService:
             raise Forbidden("doctor: a doctor starts consultations as itself")
         if principal.role == "patient" and principal.user_id != patient:
             raise Forbidden("patient: a patient starts consultations as itself")
+        await self._check_roles(principal, doctor, patient)
+        self._limiter.check(principal.user_id)  # the consultation.started event is a message
+        # Consultations stored before openKey existed do not hold it: this finds those.
         if await self._consultations.find_one({"doctor": doctor, "patient": patient, "status": "open"}):
-            raise Conflict("a consultation between this doctor and patient is already open",
-                           code="consultation_open")
+            raise self._already_open()
         doc = {"_id": str(ObjectId()), "doctor": doctor, "patient": patient, "status": "open",
+               "openKey": open_key(doctor, patient),
                "startedAt": utcnow(), "startedBy": operator, "endedAt": None, "endedBy": None}
-        await self._consultations.insert_one(doc)
+        try:
+            await self._consultations.insert_one(doc)
+        except DuplicateKeyError:  # a parallel start won the pair (the unique open_key index)
+            raise self._already_open() from None
         await self._announce(doc, operator, EVENT_STARTED, f"Consultation started by {operator}")
         return consultation_to_wire(doc)
 
     async def end(self, principal: Principal, consultation_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
         existing = await self._get(consultation_id)
         operator = self._operator(principal, data, (existing["doctor"], existing["patient"]))
+        if existing["status"] != "open":
+            raise ConsultationClosed("consultation is already closed")
+        self._limiter.check(principal.user_id)  # the consultation.ended event is a message
         ended = await self._consultations.find_one_and_update(
             {"_id": consultation_id, "status": "open"},
-            {"$set": {"status": "closed", "endedAt": utcnow(), "endedBy": operator}},
+            # Frees the pair's open_key for the next consultation.
+            {"$set": {"status": "closed", "endedAt": utcnow(), "endedBy": operator, "openKey": consultation_id}},
             return_document=ReturnDocument.AFTER,
         )
         if ended is None:
-            raise Conflict("consultation is already closed", code="consultation_closed")
+            raise ConsultationClosed("consultation is already closed")
         await self._announce(ended, operator, EVENT_ENDED, f"Consultation ended by {operator}")
         return consultation_to_wire(ended)
 
@@ -98,6 +143,20 @@ class ConsultationService:
             filter_["status"] = status
         found = self._consultations.find(filter_).sort("startedAt", DESCENDING).limit(500)
         return [consultation_to_wire(doc) async for doc in found]
+
+    async def _check_roles(self, principal: Principal, doctor: str, patient: str) -> None:
+        """The doctor must be known as a doctor and the patient must not be (SPEC §6)."""
+        self._directory.note_principal(principal)  # a doctor starting as itself proves it (handlers note it too)
+        doctors = await self._directory.find_doctors([doctor, patient])
+        if doctor not in doctors:
+            raise NotADoctor(f"doctor: {doctor!r} is not known as a doctor (it has used no doctor token "
+                             "and no service or admin has declared it one)")
+        if patient in doctors:
+            raise PatientIsDoctor(f"patient: {patient!r} is known as a doctor")
+
+    @staticmethod
+    def _already_open() -> ConsultationOpen:
+        return ConsultationOpen("a consultation between this doctor and patient is already open")
 
     async def _get(self, consultation_id: str) -> dict[str, Any]:
         doc = None
@@ -117,7 +176,9 @@ class ConsultationService:
             # The conversation's two parties: with a staff operator, from/to alone do not name it.
             "doctor": doctor, "patient": patient,
             # Makes a retried announcement idempotent: one event message per consultation and event.
-            "clientMsgId": f"{event}:{consultation['_id']}",
+            # Its own stored field with its own unique index, never a clientMsgId: a client that
+            # sent this string as a clientMsgId first would otherwise suppress the event (SPEC §4).
+            "eventKey": f"{event}:{consultation['_id']}",
         }
         pair = sorted({doctor, patient})
         draft = Draft(ConversationRef.pm(doctor, patient), fields, pair, pair)

@@ -27,6 +27,18 @@ class NotAMember(Forbidden):
     code = "not_a_member"
 
 
+class GroupFull(Conflict):
+    """Adding these members would take the group past [limits] max_group_members."""
+
+    code = "group_full"
+
+
+class GroupBusy(Conflict):
+    """The membership kept changing under us (other processes); the caller may retry."""
+
+    code = "group_busy"
+
+
 def group_to_wire(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": doc["_id"],
@@ -67,6 +79,8 @@ class GroupStore:
             "members": members,
             "createdAt": utcnow(),
             "createdBy": created_by,
+            # Bumped by every membership change: adds are conditional on it (see add_new_members).
+            "rev": 0,
         }
         try:
             await self._groups.insert_one(doc)
@@ -74,27 +88,27 @@ class GroupStore:
             raise Conflict(f"id: group {doc['_id']!r} already exists", code="group_exists") from None
         return doc
 
-    async def add_members(self, group_id: str, members: list[str]) -> tuple[dict[str, Any], list[str]]:
-        """Add members; returns the group and the ids that were not members before."""
-        before = await self.get(group_id)
-        added = [m for m in members if m not in before["members"]]
-        after = await self._groups.find_one_and_update(
-            {"_id": group_id}, {"$addToSet": {"members": {"$each": members}}},
+    async def add_new_members(self, before: dict[str, Any], new: list[str]) -> dict[str, Any] | None:
+        """Add members that `before` lacks, if the group is still exactly `before` (same rev).
+
+        Returns the group after, or None when its membership changed meanwhile (re-read and retry).
+        The rev guard makes "who is new" and the size limit exact under concurrent changes.
+        """
+        return await self._groups.find_one_and_update(
+            {"_id": before["_id"], "rev": before.get("rev")},  # None matches groups from before revs
+            {"$push": {"members": {"$each": new}}, "$inc": {"rev": 1}},
             return_document=ReturnDocument.AFTER,
         )
-        if after is None:
-            raise NotFound(f"group {group_id!r} does not exist")
-        return after, added
 
     async def remove_member(self, group_id: str, member: str) -> tuple[dict[str, Any], bool]:
         """Remove one member; returns the group and whether it was a member."""
-        before = await self.get(group_id)
         after = await self._groups.find_one_and_update(
-            {"_id": group_id}, {"$pull": {"members": member}}, return_document=ReturnDocument.AFTER,
+            {"$and": [{"_id": group_id}, has_member(member)]},
+            {"$pull": {"members": member}, "$inc": {"rev": 1}}, return_document=ReturnDocument.AFTER,
         )
-        if after is None:
-            raise NotFound(f"group {group_id!r} does not exist")
-        return after, member in before["members"]
+        if after is not None:
+            return after, True
+        return await self.get(group_id), False
 
     async def list_for_user(self, user: str) -> list[dict[str, Any]]:
         return [doc async for doc in self._groups.find(has_member(user)).sort("_id", 1)]

@@ -4,7 +4,8 @@ This process knows its own sockets (the hub). So that other processes know them 
 records in the user's `presence` document the instances it is online on (`onlineOn`), and beats a
 heartbeat in `instances`; an instance whose heartbeat is stale (it crashed) no longer counts.
 `lastSeen` is stored whenever a user's last socket on a process closes. Writes are coalesced per
-user and made by one worker, in order, so a quick connect-disconnect never ends up "online".
+user and made by one worker, in order, so a quick connect-disconnect never ends up "online"; until
+the offline write is stored, the time the user went offline is answered from memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from models.clock import iso, utcnow
-from models.conversations import ConversationRef
+from models.conversations import pm_conv
 from models.groups import has_member
 from server.auth import Principal
 from server.db import Database
@@ -41,6 +42,8 @@ class Presence:
         self.instance_id = str(ObjectId())
         self.hub: Hub | None = None
         self._changes: dict[str, bool] = {}  # user -> online here, waiting to be written
+        # user -> when its last socket here closed, until that lastSeen is stored (or it is back).
+        self._offline_since: dict[str, datetime.datetime] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._worker: asyncio.Task[None] | None = None
@@ -49,9 +52,11 @@ class Presence:
     # ---- this process's sockets ----------------------------------------------------------------
 
     def user_came_online(self, user_id: str) -> None:
+        self._offline_since.pop(user_id, None)
         self._queue(user_id, True)
 
     def user_went_offline(self, user_id: str) -> None:
+        self._offline_since[user_id] = utcnow()
         self._queue(user_id, False)
 
     def _queue(self, user_id: str, online: bool) -> None:
@@ -72,11 +77,15 @@ class Presence:
     async def _store(self, user_id: str, online: bool) -> None:
         change = {"$addToSet": {"onlineOn": self.instance_id}} if online \
             else {"$pull": {"onlineOn": self.instance_id}}
+        offline_since = None if online else self._offline_since.get(user_id)
         try:
-            await self._presence.update_one({"_id": user_id}, {**change, "$set": {"lastSeen": utcnow()}},
-                                            upsert=True)
+            await self._presence.update_one(
+                {"_id": user_id}, {**change, "$set": {"lastSeen": offline_since or utcnow()}}, upsert=True)
         except PyMongoError as exc:  # presence is best effort; it never fails a connection
             log.warning("could not store presence of %s: %s", user_id, exc)
+            return  # the time stays in memory: lastSeen is still answered
+        if offline_since is not None and self._offline_since.get(user_id) is offline_since:
+            del self._offline_since[user_id]
 
     # ---- the heartbeat that lets other processes trust onlineOn --------------------------------
 
@@ -98,6 +107,7 @@ class Presence:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         self._changes.clear()
+        self._offline_since.clear()  # the write below stores lastSeen for all of them
         try:
             with pymongo.timeout(WITHDRAW_TIMEOUT_SECS):
                 await self._presence.update_many(
@@ -116,15 +126,35 @@ class Presence:
     # ---- reading -------------------------------------------------------------------------------
 
     async def check_visible(self, principal: Principal, user_id: str) -> None:
-        """Staff and doctors see anyone; a patient sees itself and the people it talks to."""
-        if principal.is_staff or principal.role == "doctor" or principal.user_id == user_id:
+        """Staff and doctors see anyone; a patient sees itself and the people it talks to.
+
+        "Talks to" means both took part: each has sent a message in their pm conversation, or a
+        consultation is between them, or both are members of one group. A conversation one side
+        opened alone proves nothing: anyone may send anyone a pm.
+        """
+        me = principal.user_id
+        if principal.is_staff or principal.role == "doctor" or me == user_id:
             return
-        shares_pm = await self._db.conversations.find_one(
-            {"_id": ConversationRef.pm(principal.user_id, user_id).key}, {"_id": 1})
-        shares_group = shares_pm or await self._db.groups.find_one(
-            {"$and": [has_member(principal.user_id), has_member(user_id)]}, {"_id": 1})
-        if not shares_group:
-            raise Forbidden("you may only see the presence of people you share a conversation with")
+        if await self._both_wrote(me, user_id) or await self._share_consultation(me, user_id) \
+                or await self._share_group(me, user_id):
+            return
+        raise Forbidden("you may only see the presence of people you share a conversation with")
+
+    async def _both_wrote(self, a: str, b: str) -> bool:
+        conv = pm_conv(a, b)
+        for sender in (a, b):
+            if await self._db.pm.find_one({"conv": conv, "from": sender}, {"_id": 1}) is None:
+                return False
+        return True
+
+    async def _share_consultation(self, a: str, b: str) -> bool:
+        found = await self._db.consultations.find_one(
+            {"$or": [{"doctor": a, "patient": b}, {"doctor": b, "patient": a}]}, {"_id": 1})
+        return found is not None
+
+    async def _share_group(self, a: str, b: str) -> bool:
+        found = await self._db.groups.find_one({"$and": [has_member(a), has_member(b)]}, {"_id": 1})
+        return found is not None
 
     async def get(self, user_id: str) -> dict[str, Any]:
         online = bool(self.hub and self.hub.is_online(user_id))
@@ -133,6 +163,8 @@ class Presence:
             elsewhere = [i for i in doc.get("onlineOn", []) if i != self.instance_id]
             online = bool(elsewhere) and await self._any_alive(elsewhere)
         last_seen = doc.get("lastSeen") if doc else None
+        if not online and user_id in self._offline_since:  # its offline write is still queued
+            last_seen = self._offline_since[user_id]
         return {"user": user_id, "online": online, "lastSeen": iso(last_seen) if last_seen else None}
 
     async def _any_alive(self, instance_ids: list[str]) -> bool:

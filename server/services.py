@@ -7,10 +7,11 @@ import dataclasses
 import time
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, WriteConcern
 
 from models.consultations import ConsultationService
 from models.conversations import ConversationStore
+from models.directory import UserDirectory
 from models.files import FileStore
 from models.groups import GroupStore
 from models.inbox import Inbox
@@ -42,12 +43,21 @@ class Services:
     consultations: ConsultationService
     presence: Presence
     send_limiter: SendRateLimiter
+    directory: UserDirectory
     started_at: float
     tokens: TokenVerifier
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
     fanout: ChangeStreamFanout | None = None  # set at start-up when change streams are available
+
+
+def markers_write_concern(settings: Settings) -> WriteConcern:
+    """Received/read markers: acknowledged like the messages (majority where set), not journaled.
+
+    Explicit, not the driver default: nx-27017 keeps the last write concern it was sent per database.
+    """
+    return WriteConcern(w=settings.write_concern_w if settings.write_concern_w is not None else 1)
 
 
 def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]]) -> Services:
@@ -60,6 +70,9 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
     messages = MessageService(db, message_write_concern(settings), conversations, groups, hub,
                               settings.limits.max_content_chars)
     messages.files = files = FileStore(db, message_write_concern(settings))
+    # One send budget per caller for messages and for every action that writes one (events).
+    send_limiter = SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst)
+    directory = UserDirectory(db)
     return Services(
         settings=settings,
         client=client,
@@ -70,11 +83,13 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
         messages=messages,
         files=files,
         inbox=Inbox(conversations, groups),
-        group_service=GroupService(groups, conversations, messages),
-        consultations=ConsultationService(db, messages),
+        group_service=GroupService(groups, conversations, messages, db, markers_write_concern(settings),
+                                   send_limiter, settings.limits.max_group_members),
+        consultations=ConsultationService(db, messages, directory, send_limiter),
         presence=presence,
-        send_limiter=SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst),
+        send_limiter=send_limiter,
+        directory=directory,
         started_at=time.monotonic(),
-        tokens=TokenVerifier(settings.auth_secret),
+        tokens=TokenVerifier(settings.auth_secret, max_ttl_secs=settings.max_token_ttl_secs),
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
     )
