@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from handlers.base import BaseHandler
+from models.messages import parse_limit
 from models.validation import check_id, require_id
 from server.errors import InvalidField
 
 
 class ConversationsHandler(BaseHandler):
     async def get(self) -> None:
-        """The user's conversations, newest activity first, with unread counts."""
+        """A page of the user's conversations, newest activity first, with unread counts."""
         principal = self.authenticate()
         query = self.query()
         if "user_id" not in query:
             raise InvalidField("user_id", "is required")
         user = check_id(query["user_id"], "user_id")
         principal.require_self_or_staff(user, "user_id")
-        self.write_json({"conversations": await self.services.inbox.list_conversations(user)})
+        limit = parse_limit(query.get("limit"))
+        self.write_json(await self.services.inbox.list_conversations(user, limit, query.get("cursor")))
 
 
 class ReadMarkerHandler(BaseHandler):

@@ -30,7 +30,8 @@ ERRORS: dict[str, dict[str, Any]] = {
     "401": _error("Missing, malformed, badly signed or expired token."),
     "403": _error("A valid token without the right (acting for someone else, not staff, ...)."),
     "404": _error("No such resource, or one the caller may not see."),
-    "409": _error("Conflict with the current state (group exists, consultation open/closed)."),
+    "409": _error("Conflict with the current state (group exists, consultation open/closed, a "
+                  "clientMsgId reused for a different message: client_msg_id_reused)."),
     "413": _error("The body is over the documented limit."),
     "429": _error("The caller's send rate limit is exhausted; retry later."),
     "503": _error("The database is unavailable; nothing was written. Retry shortly."),
@@ -66,8 +67,12 @@ PAGE_PARAMS = [
     _query("before", SEQ, "Exclusive upper seq bound: the `limit` messages just below it, oldest first."),
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50, at most 200."),
     _query("cursor", {"type": "string", "maxLength": 64}, "The `next` of a previous page."),
+    _query("since", {"type": "string", "format": "date-time"},
+           "Only messages created at or after this time: ISO 8601 with any offset (Z, +08:00)."),
+    _query("until", {"type": "string", "format": "date-time"},
+           "Only messages created before this time (exclusive), ISO 8601 with any offset."),
 ]
-SEND_ERRORS = ("400", "401", "403", "404", "413", "429", "503")
+SEND_ERRORS = ("400", "401", "403", "404", "409", "413", "429", "503")  # 409: client_msg_id_reused
 READ_ERRORS = ("400", "401", "403", "404", "503")
 
 SCHEMAS: dict[str, Any] = {
@@ -132,6 +137,8 @@ SCHEMAS: dict[str, Any] = {
             "unread": {"type": "integer", "minimum": 0},
             "receivedSeq": {"type": "integer", "minimum": 0},
             "readSeq": {"type": "integer", "minimum": 0},
+            "peerReadSeq": {"type": "integer", "minimum": 0,
+                            "description": "pm only: how far the other party has read."},
         },
     },
     "Group": {
@@ -161,6 +168,19 @@ SCHEMAS: dict[str, Any] = {
             "url": {"type": "string", "pattern": "^/api/v1/files/[0-9a-f]{24}$"},
             "mimeType": {"type": "string", "pattern": "^(image|audio)/"},
             "size": {"type": "integer", "minimum": 1},
+        },
+    },
+    "UserRole": {
+        "type": "object", "required": ["user", "role", "seenAs", "declaredBy", "declaredAt"],
+        "additionalProperties": False,
+        "properties": {
+            "user": ID,
+            "role": {"oneOf": [{"type": "string", "enum": ["doctor", "patient"]}, {"type": "null"}],
+                     "description": "The declared role (null: none declared)."},
+            "seenAs": {"type": "array", "items": {"type": "string", "enum": ["doctor", "patient", "service", "admin"]},
+                       "description": "Roles of the tokens this user has used."},
+            "declaredBy": {"oneOf": [ID, {"type": "null"}]},
+            "declaredAt": {"oneOf": [TIMESTAMP, {"type": "null"}]},
         },
     },
     "Presence": {
@@ -246,10 +266,17 @@ PATHS: dict[str, Any] = {
     "/api/v1/conversations": {
         "get": {"summary": "A user's conversations with unread counts, newest first",
                 "operationId": "listConversations",
-                "parameters": [_query("user_id", ID, "Whose conversations.", required=True)],
+                "parameters": [
+                    _query("user_id", ID, "Whose conversations.", required=True),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                           "Page size; default 50, at most 200."),
+                    _query("cursor", {"type": "string", "maxLength": 800}, "The `next` of a previous page."),
+                ],
                 "responses": _responses({"200": _ok("The conversations.", {
-                    "type": "object", "required": ["conversations"], "additionalProperties": False,
-                    "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
+                    "type": "object", "required": ["conversations", "next"], "additionalProperties": False,
+                    "properties": {"conversations": {"type": "array", "items": _ref("Conversation")},
+                                   "next": {"type": ["string", "null"],
+                                            "description": "The cursor of the next page, or null."}},
                 })}, "400", "401", "403", "503")},
     },
     "/api/v1/conversations/read": {
@@ -276,7 +303,7 @@ PATHS: dict[str, Any] = {
                          "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000},
                      }}),
                  "responses": _responses({"201": _ok("The new group.", _ref("Group"))},
-                                         "400", "401", "403", "409", "413", "503")},
+                                         "400", "401", "403", "409", "413", "429", "503")},
     },
     "/api/v1/groups/{id}": {
         "get": {"summary": "Read a group (members, creator, staff)", "operationId": "getGroup",
@@ -285,15 +312,16 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/groups/{id}/members": {
         "post": {"summary": "Add members; they get a group.members_added notice", "operationId": "addMembers",
+                 "description": "409 group_full: the group would pass [limits] max_group_members.",
                  "parameters": [_path("id", ID, "The group.")],
                  "requestBody": _json_body({"type": "object", "required": ["members"], "properties": {
                      "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000}}}),
-                 "responses": _responses(GROUP, "400", "401", "403", "404", "413", "503")},
+                 "responses": _responses(GROUP, "400", "401", "403", "404", "409", "413", "429", "503")},
     },
     "/api/v1/groups/{id}/members/{user}": {
         "delete": {"summary": "Remove a member (or leave)", "operationId": "removeMember",
                    "parameters": [_path("id", ID, "The group."), _path("user", ID, "The member.")],
-                   "responses": _responses(GROUP, "400", "401", "403", "404", "503")},
+                   "responses": _responses(GROUP, "400", "401", "403", "404", "429", "503")},
     },
     "/api/v1/users/{id}/groups": {
         "get": {"summary": "The groups a user belongs to", "operationId": "listUserGroups",
@@ -308,14 +336,27 @@ PATHS: dict[str, Any] = {
                 "parameters": [_path("id", ID, "The user.")],
                 "responses": _responses({"200": _ok("Presence.", _ref("Presence"))}, "400", "401", "403", "503")},
     },
+    "/api/v1/users/{id}/role": {
+        "put": {"summary": "Declare a user's role (service/admin): who may be a consultation's doctor",
+                "operationId": "declareUserRole",
+                "description": "A user is known as a doctor once it has used a doctor token; a declaration "
+                               "wins over what tokens showed.",
+                "parameters": [_path("id", ID, "The user.")],
+                "requestBody": _json_body({"type": "object", "required": ["role"], "properties": {
+                    "role": {"type": "string", "enum": ["doctor", "patient"]}}}),
+                "responses": _responses({"200": _ok("The user's roles.", _ref("UserRole"))},
+                                        "400", "401", "403", "413", "503")},
+    },
     "/api/v1/consultations": {
         "post": {"summary": "Start a consultation (posts consultation.started)",
+                 "description": "409 consultation_open (one is open for the pair), not_a_doctor (`doctor` "
+                                "is not known as a doctor), patient_is_doctor (`patient` is known as one).",
                  "operationId": "startConsultation",
                  "requestBody": _json_body({"type": "object", "required": ["doctor", "patient"], "properties": {
                      "doctor": ID, "patient": ID,
                      "operator": {**ID, "description": "Required with service/admin tokens."}}}),
                  "responses": _responses({"201": _ok("The consultation.", _ref("Consultation"))},
-                                         "400", "401", "403", "409", "413", "503")},
+                                         "400", "401", "403", "409", "413", "429", "503")},
         "get": {"summary": "A user's consultations, newest first", "operationId": "listConsultations",
                 "parameters": [_query("user_id", ID, "The doctor or patient.", required=True),
                                _query("status", {"type": "string", "enum": ["open", "closed"]}, "Filter.")],
@@ -330,7 +371,7 @@ PATHS: dict[str, Any] = {
                  "requestBody": _json_body({"type": "object", "properties": {
                      "operator": {**ID, "description": "Required with service/admin tokens."}}}, required=False),
                  "responses": _responses({"200": _ok("The closed consultation.", _ref("Consultation"))},
-                                         "400", "401", "403", "404", "409", "413", "503")},
+                                         "400", "401", "403", "404", "409", "413", "429", "503")},
     },
     "/api/v1/files": {
         "post": {"summary": "Upload an image or voice note (stored in GridFS)", "operationId": "uploadFile",

@@ -3,21 +3,49 @@
 A conversation is the unordered pair of users (pm), the group (gm) or the recipient (sm). Its key
 `conv` is stored on every message; `seq` counts within it. Receipts are cursors, not rows: one
 document per (user, conversation) holding the highest received and read seq.
+
+Real sizes (a doctor with 2,000 residents, groups of 5,000) shape what is stored where, so that
+nothing a client reads costs O(conversations) or O(messages), and no message costs a write per
+group member:
+
+- A pm/sm summary carries, per party ("side" A = the lower id, B = the higher; sm: A only), its
+  `activity<side>` sort key (the user, then the last message's time and the key: one single-field
+  index pages a user's list newest first), `pending<side>` (set by every message, cleared once the
+  party's received marker reaches lastSeq: the backlog finds news without reading every
+  conversation), and mirrors of the party's markers (`received<side>`, `read<side>`) with
+  `own<side>`, the party's own seqs above its read marker.
+- unread = lastSeq - read - (own messages in (read, lastSeq]): exact without counting messages.
+  For gm the own seqs sit on the sender's cursor, the only per-user write a group message costs.
+
+nx-27017 (tests, development) uses single-field indexes only, answers `$or` and `$in` on ordinary
+fields by scanning, and counts in Python; every query here is an equality, a range on one indexed
+field, or `_id $in` (tests/test_indexes.py checks the plans).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable
+import datetime
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pymongo import ASCENDING, UpdateOne, WriteConcern
+from pymongo import ASCENDING, DESCENDING, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError
 
 from models.batching import BatchedUpdates
-from models.clock import utcnow
-from models.groups import has_member
+from models.clock import iso, utcnow
 from server.db import Database
+
+log = logging.getLogger(__name__)
+
+# Separates a user id from the rest of a sort key; ids hold no control characters, so a range of
+# keys starting with user + SEP holds exactly that user's conversations.
+SEP = "\x01"
+SEP_END = "\x02"
+SIDES = ("A", "B")
+MARKER_RETRIES = 2
 
 
 def pm_conv(a: str, b: str) -> str:
@@ -46,6 +74,21 @@ class ConversationRef:
         length, _, rest = self.conv.partition(":")
         return [rest[: int(length)], rest[int(length) + 1:]]
 
+    def parties(self) -> list[str]:
+        """Who the summary keeps per-party state for: the pm pair (sides A, B), the sm recipient."""
+        if self.channel == "pm":
+            return self.pm_pair()
+        if self.channel == "sm":
+            return [self.conv]
+        return []  # a group: per-member state would cost a write per member per message
+
+    def side_of(self, user: str) -> str | None:
+        """"A" or "B": where the summary keeps this party's state; None for groups and strangers."""
+        for side, party in zip(SIDES, self.parties(), strict=False):
+            if party == user:
+                return side
+        return None
+
     @classmethod
     def pm(cls, a: str, b: str) -> ConversationRef:
         return cls("pm", pm_conv(a, b))
@@ -73,33 +116,120 @@ class ConversationStore:
 
         Batched with other conversations' updates (models/batching.py): an upsert whose filter
         misses because the summary is already at or past this seq fails with a duplicate key,
-        which counts as done.
+        which counts as done. The sender's own seq is added by a second, unconditional update
+        too: a summary already past this seq (another process stored a newer message first)
+        must still learn it, or the sender's unread would count its own message.
         """
         seq = message["seq"]
+        activity = activity_key(ref, message["createdAt"])
         on_insert: dict[str, Any] = {"channel": ref.channel, "conv": ref.conv}
         if members is not None:
             on_insert["members"] = members
-        await self._summary_updates.update(UpdateOne(
-            {"_id": ref.key, "lastSeq": {"$lt": seq}},
-            {"$set": {"lastSeq": seq, "lastMessage": message, "updatedAt": message["createdAt"]},
-             "$setOnInsert": on_insert},
-            upsert=True,
-        ))
+        fields: dict[str, Any] = {"lastSeq": seq, "lastMessage": message, "updatedAt": message["createdAt"],
+                                  "activityAt": activity}
+        own: dict[str, int] = {}
+        for side, user in zip(SIDES, ref.parties(), strict=False):
+            fields[f"activity{side}"] = f"{user}{SEP}{activity}"
+            fields[f"pending{side}"] = user  # news for this party (cleared by its received marker)
+            if user == message.get("from"):
+                own[f"own{side}"] = seq
+            else:
+                # Created empty: nx-27017's $addToSet ignores a missing array (MongoDB creates it).
+                on_insert[f"own{side}"] = []
+        update: dict[str, Any] = {"$set": fields, "$setOnInsert": on_insert}
+        if own:
+            update["$addToSet"] = own
+        updates = [self._summary_updates.update(UpdateOne(
+            {"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True))]
+        if own:
+            updates.append(self._summary_updates.update(UpdateOne({"_id": ref.key}, {"$addToSet": own})))
+        await asyncio.gather(*updates)  # one batch, one round trip
+
+    async def record_own_message(self, ref: ConversationRef, message: Mapping[str, Any],
+                                 recipients: Sequence[str]) -> None:
+        """A group message's sender (when a member) keeps its seq on its own cursor, for unread.
+
+        pm and sm keep their parties' own seqs in the summary (record_message); a group cannot
+        (one write per member), so only the sender's cursor is written.
+        """
+        sender = message.get("from")
+        if ref.channel != "gm" or not isinstance(sender, str) or sender not in recipients:
+            return
+        seq = message["seq"]
+        key = {"user": sender, "channel": ref.channel, "conv": ref.conv}
+        added = await self._cursors.update_one({**key, "own": {"$exists": True}}, {"$addToSet": {"own": seq}})
+        if not added.matched_count:
+            # No cursor yet, or one without the array (a marker made it): $push creates it on both
+            # MongoDB and nx-27017 (whose $addToSet ignores a missing array). A repeat is harmless:
+            # count_unread counts distinct seqs.
+            await self._upsert_cursor(sender, ref, {"$push": {"own": seq},
+                                                    "$setOnInsert": {"received": 0, "read": 0}})
 
     async def get_summary(self, ref: ConversationRef) -> dict[str, Any] | None:
         return await self._summaries.find_one({"_id": ref.key})
 
     async def find_summaries(self, user: str, group_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The user's pm and sm summaries (by membership) and those of the given groups."""
-        group_keys = [ConversationRef.gm(g).key for g in group_ids]
-        query: dict[str, Any] = {"$or": [has_member(user), {"_id": {"$in": group_keys}}]} \
-            if group_keys else has_member(user)
-        return [doc async for doc in self._summaries.find(query)]
+        """The user's pm and sm summaries and those of the given groups (unordered)."""
+        found = await self.find_recent(user, list(group_ids), before=None, limit=None)
+        return found
+
+    async def find_recent(self, user: str, group_ids: Sequence[str], *, before: str | None,
+                          limit: int | None) -> list[dict[str, Any]]:
+        """The user's summaries with activityAt < before, newest activity first, at most limit.
+
+        Three index walks (the user's side A and side B keys, the groups by _id), each stopping
+        after limit documents, merged here: O(page), not O(conversations), for pm and sm.
+        """
+        upper = f"{user}{SEP}{before}" if before is not None else f"{user}{SEP_END}"
+        queries = []
+        for side in SIDES:
+            field = f"activity{side}"
+            cursor = self._summaries.find({field: {"$gt": f"{user}{SEP}", "$lt": upper}}).sort(field, DESCENDING)
+            queries.append(cursor if limit is None else cursor.limit(limit))
+        if group_ids:
+            filter_: dict[str, Any] = {"_id": {"$in": [ConversationRef.gm(g).key for g in group_ids]}}
+            if before is not None:
+                filter_["activityAt"] = {"$lt": before}
+            cursor = self._summaries.find(filter_).sort("activityAt", DESCENDING)
+            queries.append(cursor if limit is None else cursor.limit(limit))
+        pages = await asyncio.gather(*(cursor.to_list() for cursor in queries))
+        merged = sorted((doc for page in pages for doc in page if "activityAt" in doc),
+                        key=lambda doc: doc["activityAt"], reverse=True)
+        return merged if limit is None else merged[:limit]
+
+    async def find_pending(self, user: str) -> list[dict[str, Any]]:
+        """pm/sm summaries with messages the user may not have received (O(news))."""
+        pages = await asyncio.gather(*(
+            self._summaries.find({f"pending{side}": user}, {"channel": 1, "conv": 1, "lastSeq": 1}).to_list()
+            for side in SIDES))
+        return [doc for page in pages for doc in page]
+
+    async def get_last_seqs(self, refs: Sequence[ConversationRef]) -> dict[str, int]:
+        """lastSeq by conversation key, for the given conversations that have messages."""
+        if not refs:
+            return {}
+        found = self._summaries.find({"_id": {"$in": [ref.key for ref in refs]}}, {"lastSeq": 1})
+        return {doc["_id"]: doc["lastSeq"] async for doc in found}
+
+    async def clear_pending(self, user: str, ref: ConversationRef, received: int) -> None:
+        """Drop the user's news flag on a conversation it has received up to lastSeq."""
+        side = ref.side_of(user)
+        if side is not None:
+            await self._summaries.update_one(
+                {"_id": ref.key, "lastSeq": {"$lte": received}, f"pending{side}": user},
+                {"$unset": {f"pending{side}": ""}})
 
     async def get_cursors(self, user: str) -> dict[str, dict[str, Any]]:
         """All of a user's cursors keyed by conversation key."""
         found = self._cursors.find({"user": user}, {"_id": 0})
         return {f"{doc['channel']}:{doc['conv']}": doc async for doc in found}
+
+    async def get_group_cursors(self, user: str, groups: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The user's cursors of the given groups, keyed by conversation key."""
+        if not groups:
+            return {}
+        found = self._cursors.find({"user": user, "channel": "gm", "conv": {"$in": list(groups)}}, {"_id": 0})
+        return {f"gm:{doc['conv']}": doc async for doc in found}
 
     async def move_cursor(self, user: str, ref: ConversationRef, seq: int, *, read: bool) -> dict[str, Any]:
         """Raise the received (and, for read, the read) marker to seq; markers never go back."""
@@ -108,14 +238,23 @@ class ConversationStore:
         if read:
             update["$max"]["read"] = seq
             update["$set"] = {"readAt": now}
+            if ref.channel == "gm":
+                update["$pull"] = {"own": {"$lte": seq}}  # no longer above the read marker
         else:
             update["$set"] = {"receivedAt": now}
         defaults = {"received": 0, "read": 0}
         update["$setOnInsert"] = {k: v for k, v in defaults.items() if k not in update["$max"]}
         if not update["$setOnInsert"]:
             del update["$setOnInsert"]
+        doc = await self._upsert_cursor(user, ref, update)
+        side = ref.side_of(user)
+        if side is not None:
+            await self._mirror_markers(user, ref, side, doc, read=read)
+        return doc
+
+    async def _upsert_cursor(self, user: str, ref: ConversationRef, update: dict[str, Any]) -> dict[str, Any]:
         key = {"user": user, "channel": ref.channel, "conv": ref.conv}
-        for _attempt in range(2):
+        for _attempt in range(MARKER_RETRIES):
             try:
                 await self._cursors.update_one(key, update, upsert=True)
                 break
@@ -125,12 +264,16 @@ class ConversationStore:
         assert doc is not None
         return doc
 
-    async def count_unread(self, ref: ConversationRef, user: str, after_seq: int) -> int:
-        """Messages from others above the read marker."""
-        collection = self._db[ref.channel]
-        return await collection.count_documents(
-            {"conv": ref.conv, "seq": {"$gt": after_seq}, "from": {"$ne": user}}
-        )
+    async def _mirror_markers(self, user: str, ref: ConversationRef, side: str, cursor: Mapping[str, Any],
+                              *, read: bool) -> None:
+        """Copy a pm/sm party's markers (the cursor's, which never go back) into the summary."""
+        received, read_seq = cursor.get("received", 0), cursor.get("read", 0)
+        update: dict[str, Any] = {"$max": {f"received{side}": received, f"read{side}": read_seq}}
+        if read:
+            update["$pull"] = {f"own{side}": {"$lte": read_seq}}
+        await self._summaries.update_one({"_id": ref.key}, update)
+        # Conditional, so a message stored meanwhile (lastSeq above received) keeps the flag set.
+        await self.clear_pending(user, ref, received)
 
     async def messages_after(self, ref: ConversationRef, after_seq: int, limit: int,
                              before_seq: int | None = None) -> list[dict[str, Any]]:
@@ -139,3 +282,62 @@ class ConversationStore:
             seq_range["$lt"] = before_seq
         found = self._db[ref.channel].find({"conv": ref.conv, "seq": seq_range})
         return [doc async for doc in found.sort("seq", ASCENDING).limit(limit)]
+
+    async def upgrade_summaries(self) -> int:
+        """Give summaries written before the per-party fields existed their sort keys, news flags,
+        marker mirrors and own seqs (once; later starts find none). Returns how many."""
+        upgraded = 0
+        async for summary in self._summaries.find({"activityAt": {"$exists": False}, "lastSeq": {"$gt": 0}}):
+            ref = ConversationRef(summary["channel"], summary["conv"])
+            await self._upgrade_summary(ref, summary)
+            upgraded += 1
+        if upgraded:
+            log.info("upgraded %d conversation summaries", upgraded)
+        return upgraded
+
+    async def _upgrade_summary(self, ref: ConversationRef, summary: dict[str, Any]) -> None:
+        last_seq = summary["lastSeq"]
+        created = summary["lastMessage"]["createdAt"]
+        if isinstance(created, str):
+            created = datetime.datetime.fromisoformat(created).replace(tzinfo=datetime.UTC)
+        activity = activity_key(ref, created)
+        fields: dict[str, Any] = {"activityAt": activity}
+        markers: dict[str, dict[str, Any]] = {}
+        for side, user in zip(SIDES, ref.parties(), strict=False):
+            cursor = await self._cursors.find_one({"user": user, "channel": ref.channel, "conv": ref.conv}) or {}
+            markers[user] = cursor
+            fields[f"activity{side}"] = f"{user}{SEP}{activity}"
+            fields[f"received{side}"] = cursor.get("received", 0)
+            fields[f"read{side}"] = cursor.get("read", 0)
+            if cursor.get("received", 0) < last_seq:
+                fields[f"pending{side}"] = user
+        if ref.channel == "gm":
+            markers = {doc["user"]: doc async for doc in self._cursors.find({"channel": "gm", "conv": ref.conv})}
+        own: dict[str, list[int]] = {}
+        lowest_read = min((m.get("read", 0) for m in markers.values()), default=0) if ref.channel != "gm" else 0
+        async for doc in self._db[ref.channel].find({"conv": ref.conv, "seq": {"$gt": lowest_read}},
+                                                    {"from": 1, "seq": 1}):
+            sender = doc.get("from")
+            if isinstance(sender, str) and (sender in markers or ref.channel == "gm"):
+                own.setdefault(sender, []).append(doc["seq"])
+        for side, user in zip(SIDES, ref.parties(), strict=False):
+            fields[f"own{side}"] = sorted(s for s in own.get(user, []) if s > fields[f"read{side}"])
+        await self._summaries.update_one({"_id": ref.key}, {"$set": fields})
+        if ref.channel == "gm":
+            for sender, seqs in own.items():
+                read_seq = markers.get(sender, {}).get("read", 0)
+                above = sorted(s for s in seqs if s > read_seq)
+                if above:
+                    await self._upsert_cursor(sender, ref, {"$push": {"own": {"$each": above}},
+                                                            "$setOnInsert": {"received": 0, "read": 0}})
+
+
+def activity_key(ref: ConversationRef, created_at: datetime.datetime) -> str:
+    """Sorts conversations by their last message's time (ISO 8601 sorts as time), then key."""
+    return f"{iso(created_at)}{SEP}{ref.key}"
+
+
+def count_unread(last_seq: int, read: int, own: Iterable[int]) -> int:
+    """Messages from others above the read marker: all above it, less the reader's own there."""
+    own_above = sum(1 for seq in set(own) if read < seq <= last_seq)
+    return max(0, last_seq - read - own_above)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from models import validation as v
-from models.conversations import ConversationRef, ConversationStore
+from models.conversations import SEP, ConversationRef, ConversationStore, count_unread
 from models.groups import GroupStore, NotAMember
 from models.messages import message_to_wire
 from server.errors import InvalidField, NotFound
@@ -15,6 +19,30 @@ from server.errors import InvalidField, NotFound
 log = logging.getLogger(__name__)
 
 BACKLOG_PAGE = 200
+DEFAULT_LIST_LIMIT = 50
+# activityAt (models/conversations.py): an ISO 8601 time with milliseconds, SEP, a conversation key.
+ACTIVITY_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z" + SEP + r"(pm|sm|gm):[^\x00]{1,400}")
+MAX_LIST_CURSOR_CHARS = 800
+
+
+def format_list_cursor(activity_at: str) -> str:
+    """Opaque and URL-safe: where the next page of the conversation list starts (exclusive)."""
+    return base64.urlsafe_b64encode(activity_at.encode()).decode().rstrip("=")
+
+
+def parse_list_cursor(cursor: str | None) -> str | None:
+    """The activityAt a cursor from format_list_cursor stands for; 400 naming cursor otherwise."""
+    if cursor is None:
+        return None
+    try:
+        if len(cursor) > MAX_LIST_CURSOR_CHARS:
+            raise ValueError("too long")
+        decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        decoded = ""
+    if not ACTIVITY_RE.fullmatch(decoded):
+        raise InvalidField("cursor", "is not a cursor this server issued")
+    return decoded
 
 
 class Inbox:
@@ -53,19 +81,31 @@ class Inbox:
             log.info("read marker of %s in %s moved to %d", user, ref.channel, cursor["read"])
         return ref, others, cursor
 
-    async def list_conversations(self, user: str) -> list[dict[str, Any]]:
+    async def list_conversations(self, user: str, limit: int = DEFAULT_LIST_LIMIT,
+                                 cursor: str | None = None) -> dict[str, Any]:
+        """A page of the user's conversations, newest activity first: {"conversations", "next"}.
+
+        O(page): the summaries come from index walks that stop after limit + 1, unread and the
+        markers from the summaries themselves (pm, sm) or the page's group cursors (gm).
+        """
+        before = parse_list_cursor(cursor)
         group_ids = await self._groups.ids_for_user(user)
-        summaries = await self._conversations.find_summaries(user, group_ids)
-        cursors = await self._conversations.get_cursors(user)
+        found = await self._conversations.find_recent(user, group_ids, before=before, limit=limit + 1)
+        page = found[:limit]
+        groups = [s["conv"] for s in page if s["channel"] == "gm"]
+        group_cursors = await self._conversations.get_group_cursors(user, groups)
         out = []
-        for summary in summaries:
+        for summary in page:
             ref = ConversationRef(summary["channel"], summary["conv"])
-            cursor = cursors.get(ref.key, {})
-            read_seq = cursor.get("read", 0)
-            unread = 0
-            if summary["lastSeq"] > read_seq:
-                unread = await self._conversations.count_unread(ref, user, read_seq)
             entry: dict[str, Any] = {"channel": ref.channel}
+            side = ref.side_of(user)
+            if side is not None:
+                received = summary.get(f"received{side}", 0)
+                read_seq = summary.get(f"read{side}", 0)
+                own = summary.get(f"own{side}", [])
+            else:
+                marker = group_cursors.get(ref.key, {})
+                received, read_seq, own = marker.get("received", 0), marker.get("read", 0), marker.get("own", [])
             if ref.channel == "pm":
                 low, high = ref.pm_pair()
                 entry["peer"] = high if low == user else low
@@ -73,34 +113,53 @@ class Inbox:
                 entry["group"] = ref.conv
             entry.update({
                 "lastMessage": message_to_wire(summary["lastMessage"]),
-                "unread": unread,
-                "receivedSeq": cursor.get("received", 0),
+                "unread": count_unread(summary["lastSeq"], read_seq, own),
+                "receivedSeq": received,
                 "readSeq": read_seq,
             })
+            if ref.channel == "pm":
+                entry["peerReadSeq"] = summary.get(f"read{'B' if side == 'A' else 'A'}", 0)
             out.append(entry)
-        out.sort(key=lambda e: e["lastMessage"]["createdAt"], reverse=True)
-        return out
+        more = len(found) > limit
+        return {"conversations": out, "next": format_list_cursor(page[-1]["activityAt"]) if more else None}
 
     async def backlog_plan(self, user: str, just_stored: Mapping[str, tuple[ConversationRef, int]] | None = None,
                            ) -> list[tuple[ConversationRef, int, int]]:
-        """(conversation, received marker, newest seq) for every conversation of the user.
+        """(conversation, received marker, newest seq): the conversations with news first, then the
+        rest of the user's cursors (newest = received: a baseline for the socket, nothing to send).
 
+        O(news + groups) summaries: pm/sm ones are found by their news flag, not by reading
+        every conversation; the user's cursors (small) give every socket baseline in one query.
         just_stored: conversation key -> (ref, seq) of messages this process learnt of from other
         processes whose summaries may not be written yet (server/fanout.py); they count too.
         """
         group_ids = await self._groups.ids_for_user(user)
-        summaries = await self._conversations.find_summaries(user, group_ids)
+        pending, cursors, group_seqs = await asyncio.gather(
+            self._conversations.find_pending(user),
+            self._conversations.get_cursors(user),
+            self._conversations.get_last_seqs([ConversationRef.gm(g) for g in group_ids]),
+        )
         newest: dict[str, tuple[ConversationRef, int]] = {}
-        for summary in summaries:
+        for summary in pending:
             ref = ConversationRef(summary["channel"], summary["conv"])
             newest[ref.key] = (ref, summary["lastSeq"])
+        for key, seq in group_seqs.items():
+            newest[key] = (ConversationRef.from_key(key), seq)
         for key, (ref, seq) in (just_stored or {}).items():
             if seq > newest.get(key, (ref, 0))[1]:
                 newest[key] = (ref, seq)
-        if not newest:
-            return []  # a new user: nothing to read, no cursors to look up
-        cursors = await self._conversations.get_cursors(user)
-        return [(ref, cursors.get(key, {}).get("received", 0), seq) for key, (ref, seq) in newest.items()]
+        plan = []
+        for key, (ref, seq) in newest.items():
+            received = cursors.get(key, {}).get("received", 0)
+            if seq <= received and ref.channel != "gm":
+                # A flag left set (a received marker moved past a message while its summary was
+                # still being written): clear it now, conditionally.
+                await self._conversations.clear_pending(user, ref, received)
+            plan.append((ref, received, seq))
+        for key, cursor in cursors.items():
+            if key not in newest:
+                plan.append((ConversationRef.from_key(key), cursor.get("received", 0), cursor.get("received", 0)))
+        return plan
 
     async def messages_after(self, ref: ConversationRef, after: int,
                              before: int | None = None) -> AsyncIterator[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import re
 import time
@@ -24,19 +25,22 @@ from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from models import validation as v
-from models.batching import BatchedInserts
+from models.batching import ENCODING_ERRORS, BatchedInserts
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.groups import GroupStore, NotAMember
 from server.auth import Principal
 from server.db import Database
-from server.errors import DatabaseUnavailable, Forbidden, InvalidField
+from server.errors import ClientMsgIdReused, DatabaseUnavailable, Forbidden, InvalidBody, InvalidField
 from server.inflight import InFlight
 from server.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_LIMIT = 50
+MAX_TIME_CHARS = 40  # since/until: the longest ISO 8601 form with microseconds and an offset
+WINDOW_SLACK = 50  # extra documents read per batch for the boundary seconds (see _find_page)
+MAX_WINDOW_BATCHES = 100
 MAX_PAGE_LIMIT = 200
 SEQ_RETRIES = 20
 SEQ_CACHE_SIZE = 100_000
@@ -47,6 +51,8 @@ WIRE_FIELDS = (
     "content", "seq", "createdAt", "clientMsgId", "event", "consultationId", "doctor",
     "patient", "members",
 )
+# What makes a repeated send the same request; `from` and `channel` are part of the key itself.
+SAME_REQUEST_FIELDS = ("to", "group", "at", "title", "summary", "contentType", "content")
 
 
 def message_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,21 +192,26 @@ class MessageService:
                 except DuplicateKeyError:
                     original = await self._find_by_client_msg_id(draft)
                     if original is not None:
+                        _check_same_request(original, draft)
                         wire = message_to_wire(original)
-                        if original["conv"] == ref.conv:
-                            # A retry: finish what the first attempt may not have (summary,
-                            # delivery); both are idempotent and sockets drop what they have.
-                            await self._conversations.record_message(ref, original, draft.summary_members)
-                            self._publisher.publish_message(ref, wire, draft.recipients, origin)
+                        # A retry: finish what the first attempt may not have (summary,
+                        # delivery); both are idempotent and sockets drop what they have.
+                        await self._conversations.record_message(ref, original, draft.summary_members)
+                        self._publisher.publish_message(ref, wire, draft.recipients, origin)
                         return wire, False
                     self._last_seq.pop(ref.key, None)  # another process took this seq: reload
                     continue
+                except ENCODING_ERRORS:
+                    # Validation rejects what BSON cannot hold; this is the backstop: a 400, not a 500.
+                    raise InvalidBody("body: holds text that cannot be stored (not valid Unicode)") from None
                 except PyMongoError:
                     self._last_seq.pop(ref.key, None)  # unknown outcome: reload next time
                     raise
                 self._remember_seq(ref.key, seq)
                 self.stored_ids.add(doc["_id"])
                 await self._conversations.record_message(ref, doc, draft.summary_members)
+                # A group sender's own seq (pm/sm keep theirs in the summary): exact unread counts.
+                await self._conversations.record_own_message(ref, doc, draft.recipients)
                 wire = message_to_wire(doc)
                 # Published inside the lock so every socket sees a conversation in seq order.
                 self._publisher.publish_message(ref, wire, draft.recipients, origin)
@@ -208,12 +219,16 @@ class MessageService:
         raise RuntimeError(f"could not allocate a seq for {ref.key} after {SEQ_RETRIES} attempts")
 
     async def _find_by_client_msg_id(self, draft: Draft) -> dict[str, Any] | None:
+        """The stored message holding the draft's idempotency key: a system event's eventKey, or
+        the sender's clientMsgId (two key spaces, so no client can pre-claim an event's key)."""
+        collection = self._collections[draft.ref.channel]
+        event_key = draft.fields.get("eventKey")
+        if event_key is not None:
+            return await collection.find_one({"eventKey": event_key})
         client_msg_id = draft.fields.get("clientMsgId")
         if client_msg_id is None:
             return None
-        return await self._collections[draft.ref.channel].find_one(
-            {"from": draft.fields["from"], "clientMsgId": client_msg_id}
-        )
+        return await collection.find_one({"from": draft.fields["from"], "clientMsgId": client_msg_id})
 
     async def _next_seq(self, ref: ConversationRef) -> int:
         last = self._last_seq.get(ref.key)
@@ -252,6 +267,7 @@ class MessageService:
                             query: Mapping[str, str]) -> dict[str, Any]:
         """A page of messages, oldest first: {"messages": [...], "next": cursor or None}."""
         limit = parse_limit(query.get("limit"))
+        created = _created_at_filter(query)
         ref: ConversationRef | None = None
         convs: list[str] = []
         if channel == "gm":
@@ -275,14 +291,14 @@ class MessageService:
                 convs = [s["conv"] for s in summaries if s["channel"] == "pm"]
 
         if ref is not None:
-            return await self._page_of_conversation(ref, query, limit)
+            return await self._page_of_conversation(ref, query, limit, created)
         for bound in ("after", "before"):
             if bound in query:
                 raise InvalidField(bound, "needs one conversation: give peer")
-        return await self._page_across(convs, query.get("cursor"), limit)
+        return await self._page_across(convs, query.get("cursor"), limit, created)
 
     async def _page_of_conversation(self, ref: ConversationRef, query: Mapping[str, str],
-                                    limit: int) -> dict[str, Any]:
+                                    limit: int, created: dict[str, datetime.datetime]) -> dict[str, Any]:
         after = _optional_seq(query, "after")
         before = _optional_seq(query, "before")
         cursor = query.get("cursor")
@@ -303,8 +319,8 @@ class MessageService:
         if seq_filter:
             filter_["seq"] = seq_filter
         backwards = before is not None and after is None
-        found = self._db[ref.channel].find(filter_).sort("seq", DESCENDING if backwards else ASCENDING)
-        docs = [doc async for doc in found.limit(limit + 1)]
+        docs = await self._find_page(ref.channel, filter_, "seq", DESCENDING if backwards else ASCENDING,
+                                     limit + 1, created)
         more = len(docs) > limit
         docs = docs[:limit]
         if backwards:
@@ -314,7 +330,8 @@ class MessageService:
             next_cursor = f"b{docs[0]['seq']}" if backwards else f"a{docs[-1]['seq']}"
         return {"messages": [message_to_wire(d) for d in docs], "next": next_cursor}
 
-    async def _page_across(self, convs: list[str], cursor: str | None, limit: int) -> dict[str, Any]:
+    async def _page_across(self, convs: list[str], cursor: str | None, limit: int,
+                           created: dict[str, datetime.datetime]) -> dict[str, Any]:
         """Several conversations at once, ordered by id (ids grow with time)."""
         filter_: dict[str, Any] = {"conv": {"$in": convs}}
         if cursor is not None:
@@ -323,12 +340,71 @@ class MessageService:
             filter_["_id"] = {"$gt": cursor[1:]}
         if not convs:
             return {"messages": [], "next": None}
-        found = self._db.pm.find(filter_).sort("_id", ASCENDING).limit(limit + 1)
-        docs = [doc async for doc in found]
+        docs = await self._find_page("pm", filter_, "_id", ASCENDING, limit + 1, created)
         more = len(docs) > limit
         docs = docs[:limit]
         return {"messages": [message_to_wire(d) for d in docs],
                 "next": f"i{docs[-1]['_id']}" if more and docs else None}
+
+    async def _find_page(self, channel: str, filter_: dict[str, Any], order: str, direction: int,
+                         count: int, created: dict[str, datetime.datetime]) -> list[dict[str, Any]]:
+        """Up to count documents in order, within the since/until window when one is given.
+
+        nx-27017 compares dates at whole seconds (SQLite's datetime() drops the fraction), so the
+        database gets the window widened to whole seconds and the exact bounds are applied here;
+        what the widening adds lies in the two boundary seconds, so this reads a little more
+        than a page, continuing after the last document read if those filled a batch.
+        """
+        if not created:
+            found = self._db[channel].find(filter_).sort(order, direction).limit(count)
+            return [doc async for doc in found]
+        kept: list[dict[str, Any]] = []
+        batch_filter = dict(filter_)
+        for _batch in range(MAX_WINDOW_BATCHES):
+            wanted = count - len(kept) + WINDOW_SLACK
+            query = {**batch_filter, "createdAt": _widen_to_seconds(created)}
+            batch = [doc async for doc in self._db[channel].find(query).sort(order, direction).limit(wanted)]
+            kept.extend(doc for doc in batch if _within(doc.get("createdAt"), created))
+            if len(kept) >= count or len(batch) < wanted:
+                break
+            bound = dict(batch_filter.get(order, {}))
+            bound["$gt" if direction == ASCENDING else "$lt"] = batch[-1][order]
+            batch_filter[order] = bound
+        return kept[:count]
+
+
+def _check_same_request(original: Mapping[str, Any], draft: Draft) -> None:
+    """A repeated clientMsgId is a retry only if it asks for the same message (Stripe's rule);
+    otherwise the new message would be dropped silently: ClientMsgIdReused (409)."""
+    if "eventKey" in draft.fields:
+        return  # the server's own event, written again by a retry: always the same event
+    if original.get("conv") != draft.ref.conv or any(
+        original.get(field) != draft.fields.get(field) for field in SAME_REQUEST_FIELDS
+    ):
+        raise ClientMsgIdReused(
+            f"clientMsgId: {draft.fields['clientMsgId']!r} was already used for a different message "
+            "(another recipient, group or content); use a new clientMsgId for a new message"
+        )
+
+
+def _widen_to_seconds(created: dict[str, datetime.datetime]) -> dict[str, datetime.datetime]:
+    """The window rounded outwards to whole seconds (what nx-27017 compares exactly)."""
+    widened = dict(created)
+    if "$gte" in widened:
+        widened["$gte"] = widened["$gte"].replace(microsecond=0)
+    if "$lt" in widened and widened["$lt"].microsecond:
+        widened["$lt"] = widened["$lt"].replace(microsecond=0) + datetime.timedelta(seconds=1)
+    return widened
+
+
+def _within(value: object, created: dict[str, datetime.datetime]) -> bool:
+    if isinstance(value, str):  # nx-27017 hands back a date $set later as text (models/clock.py)
+        value = datetime.datetime.fromisoformat(value)
+    if not isinstance(value, datetime.datetime):
+        return False
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return ("$gte" not in created or value >= created["$gte"]) and ("$lt" not in created or value < created["$lt"])
 
 
 def parse_limit(raw: str | None) -> int:
@@ -337,6 +413,37 @@ def parse_limit(raw: str | None) -> int:
     if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
         raise InvalidField("limit", f"must be an integer from 1 to {MAX_PAGE_LIMIT}")
     return min(int(raw), MAX_PAGE_LIMIT)
+
+
+def _created_at_filter(query: Mapping[str, str]) -> dict[str, datetime.datetime]:
+    """since (inclusive) / until (exclusive) as a createdAt range; {} when neither is given."""
+    bounds: dict[str, datetime.datetime] = {}
+    for field, operator in (("since", "$gte"), ("until", "$lt")):
+        moment = _optional_time(query, field)
+        if moment is not None:
+            bounds[operator] = moment
+    return bounds
+
+
+def _optional_time(query: Mapping[str, str], field: str) -> datetime.datetime | None:
+    """ISO 8601 with an offset (Z, +08:00, -0500), as UTC; 400 naming the field otherwise."""
+    raw = query.get(field)
+    if raw is None:
+        return None
+    # An unencoded "+08:00" reaches us as " 08:00" (form decoding turns + into a space).
+    text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw)
+    moment: datetime.datetime | None = None
+    if len(text) <= MAX_TIME_CHARS and re.fullmatch(r"\d{4}-\d\d-\d\d[T ][0-9:.,]+(Z|z|[+-][0-9:]+)", text):
+        try:
+            moment = datetime.datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidField(field, "must be an ISO 8601 date and time with an offset, e.g. 2026-11-28T14:00:00+08:00")
+    try:
+        return moment.astimezone(datetime.UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 has no UTC year
+        raise InvalidField(field, "is out of range") from None
 
 
 def _optional_seq(query: Mapping[str, str], field: str) -> int | None:

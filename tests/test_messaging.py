@@ -69,7 +69,7 @@ async def test_concurrent_sends_from_both_sides_never_share_a_seq(api):
 async def test_repeated_client_msg_id_returns_the_original(api):
     body = {"from": "Rose", "to": "Jack", "contentType": 1, "content": "once", "clientMsgId": "c-1"}
     first = await api.post("/api/v1/chats/pm", body, as_=DOCTOR)
-    again = await api.post("/api/v1/chats/pm", {**body, "content": "twice?"}, as_=DOCTOR)
+    again = await api.post("/api/v1/chats/pm", body, as_=DOCTOR)  # another body: 409 (test_hostile_input)
     assert first.code == 201 and again.code == 200
     assert again.json == first.json
     listed = await api.get("/api/v1/chats/pm?user_id=Rose&peer=Jack", as_=DOCTOR)
@@ -271,3 +271,47 @@ async def test_hyperlink_and_media_urls_are_accepted(api):
         response = await api.post("/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": content_type,
                                                        "content": content}, as_=DOCTOR)
         assert response.code == 201 and response.json["contentType"] == content_type
+
+
+def _at_offset(iso_utc: str, hours: int) -> str:
+    """The same instant written with another UTC offset (+08:00 for China)."""
+    import datetime
+
+    moment = datetime.datetime.fromisoformat(iso_utc.replace("Z", "+00:00"))
+    return moment.astimezone(datetime.timezone(datetime.timedelta(hours=hours))).isoformat()
+
+
+@pytest.mark.gen_test
+async def test_messages_by_time_since_inclusive_until_exclusive(api):
+    from urllib.parse import quote
+
+    sent = [await api.send_pm("Rose", "Jack", f"t{i}") for i in range(4)]
+    await api.send_pm("Rose", "Lily", "other conversation")
+    since, until = sent[1]["createdAt"], sent[3]["createdAt"]
+    expected = [m["seq"] for m in sent if since <= m["createdAt"] < until]
+    assert 1 in [s - 1 for s in expected]  # sent[1] itself: since is inclusive
+    for since_text, until_text in ((since, until), (_at_offset(since, 8), _at_offset(until, -5))):
+        base = f"/api/v1/chats/pm?user_id=Jack&peer=Rose&since={quote(since_text)}&until={quote(until_text)}"
+        page = (await api.get(base, as_=PATIENT)).json
+        assert [m["seq"] for m in page["messages"]] == expected
+    # An unencoded "+08:00" arrives as " 08:00": still understood.
+    raw = (await api.get(f"/api/v1/chats/pm?user_id=Jack&peer=Rose&since={_at_offset(since, 8)}", as_=PATIENT)).json
+    assert [m["seq"] for m in raw["messages"]] == [m["seq"] for m in sent if m["createdAt"] >= since]
+    # Across all of Jack's pm conversations, and beside seq bounds.
+    across = (await api.get(f"/api/v1/chats/pm?user_id=Jack&until={quote(until)}", as_=PATIENT)).json
+    assert [m["content"] for m in across["messages"]] == [m["content"] for m in sent if m["createdAt"] < until]
+    both = (await api.get(f"/api/v1/chats/pm?user_id=Jack&peer=Rose&after=2&since={quote(since)}", as_=PATIENT)).json
+    assert [m["seq"] for m in both["messages"]] == [m["seq"] for m in sent if m["seq"] > 2 and m["createdAt"] >= since]
+    gm_since = await api.get(f"/api/v1/chats/sm?user_id=Jack&since={quote(since)}", as_=PATIENT)
+    assert gm_since.code == 200 and gm_since.json["messages"] == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("value", ["yesterday", "2026-11-28", "2026-11-28T06:00:00", "2026-13-01T00:00:00Z",
+                                   "2026-11-28T06:00:00+25:00", "9999-12-31T23:59:59-10:00", "1" * 100, ""])
+async def test_malformed_time_bound_is_a_400_naming_the_field(api, value):
+    from urllib.parse import quote
+
+    for field in ("since", "until"):
+        response = await api.get(f"/api/v1/chats/pm?user_id=Jack&peer=Rose&{field}={quote(value)}", as_=PATIENT)
+        assert_error(response, 400, "invalid_field", field=field)
