@@ -5,6 +5,11 @@ Messages stored by this process are published at once by MessageService (the cha
 only add latency) and skipped here by id. Each collection's stream resumes after an interruption
 from the last resume token it processed, so nothing is lost; anything seen twice is dropped by the
 socket (server/ordering.py), so nothing is delivered twice.
+
+Idle cost: on MongoDB an empty getMore waits server-side (`max_await_time_ms`), so a quiet stream
+is one round trip a second. nx-27017 ignores maxAwaitTimeMS and answers at once, and its
+database-level `watch()` yields no events (so one stream per collection, not one for all three):
+there the follower polls at 20 ms while changes come and backs off to QUIET_POLL_MAX_SECS when quiet.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pymongo.errors import OperationFailure, PyMongoError
@@ -27,8 +34,16 @@ from server.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
-# Servers without a server-side await on getMore (nx-27017) answer an empty batch at once: poll.
-EMPTY_POLL_SECS = 0.02
+# A real MongoDB holds an empty change-stream getMore open this long and answers the moment a
+# change is stored: an idle stream costs one round trip a second and adds no latency.
+SERVER_AWAIT_MS = 1000
+# An empty answer faster than this did not wait: the server (nx-27017 ignores maxAwaitTimeMS)
+# answers at once, so the follower paces its own polls (PollPacer).
+SERVER_AWAITED_SECS = SERVER_AWAIT_MS / 1000 / 2
+# Polling pace where the server does not wait: fast while changes come, backing off when quiet.
+BUSY_POLL_SECS = 0.02
+QUIET_POLL_MAX_SECS = 0.6  # bounds the latency of the first message after a quiet spell
+BUSY_HOLD_SECS = 2.0  # a conversation with a message every 2 s or faster stays at the busy pace
 RETRY_BACKOFF_MAX_SECS = 5.0
 # Long enough for the storing process to have written the conversation summary.
 JUST_STORED_KEEP_SECS = 30.0
@@ -66,6 +81,40 @@ class JustStored:
         self._next_sweep = now + self._keep_secs
 
 
+class PollPacer:
+    """How long a follower waits before asking again a server that answered an empty batch at once."""
+
+    def __init__(self, busy_secs: float = BUSY_POLL_SECS, max_secs: float = QUIET_POLL_MAX_SECS,
+                 hold_secs: float = BUSY_HOLD_SECS, clock: Callable[[], float] = time.monotonic):
+        self._busy_secs = busy_secs
+        self._max_secs = max_secs
+        self._hold_secs = hold_secs
+        self._clock = clock
+        self._delay_secs = busy_secs
+        self._last_change = -math.inf
+
+    def note_change(self) -> None:
+        """A change came: back to the busy pace at once."""
+        self._last_change = self._clock()
+        self._delay_secs = self._busy_secs
+
+    @property
+    def pace_secs(self) -> float:
+        """The current interval between polls."""
+        return self._delay_secs
+
+    def next_wait(self) -> float:
+        """Seconds to wait after an empty answer: busy for a while after a change, then doubling.
+
+        The wait ends on a multiple of the pace, so that followers at the same pace (the three
+        quiet collections) poll in one wake-up of this process and of the database server.
+        """
+        now = self._clock()
+        if now - self._last_change >= self._hold_secs:
+            self._delay_secs = min(self._max_secs, self._delay_secs * 2)
+        return min(self._delay_secs, (math.floor(now / self._delay_secs) + 1) * self._delay_secs - now)
+
+
 async def change_streams_supported(db: Database) -> bool:
     """False on a standalone MongoDB (change streams need a replica set)."""
     try:
@@ -79,6 +128,8 @@ async def change_streams_supported(db: Database) -> bool:
 
 
 class ChangeStreamFanout:
+    """Follows the message collections and delivers other processes' messages to this process's sockets."""
+
     def __init__(self, db: Database, hub: Hub, groups: GroupStore, local_ids: RecentIds):
         self._db = db
         self._hub = hub
@@ -103,18 +154,21 @@ class ChangeStreamFanout:
         """Follow one collection forever, resuming after errors from the last token processed."""
         resume_token: Any = None
         backoff = 0.1
+        pacer = PollPacer()
         pipeline = [{"$match": {"operationType": "insert"}}]
         while not self._stopping:
             try:
-                async with await self._db[collection].watch(pipeline, resume_after=resume_token) as stream:
+                async with await self._db[collection].watch(pipeline, resume_after=resume_token,
+                                                            max_await_time_ms=SERVER_AWAIT_MS) as stream:
                     backoff = 0.1
                     while not self._stopping:
                         asked = time.monotonic()
                         change = await stream.try_next()
                         if change is None:
-                            if time.monotonic() - asked < EMPTY_POLL_SECS:
-                                await asyncio.sleep(EMPTY_POLL_SECS)
+                            if time.monotonic() - asked < SERVER_AWAITED_SECS:
+                                await asyncio.sleep(pacer.next_wait())
                             continue
+                        pacer.note_change()
                         await self._deliver(collection, change.get("fullDocument"))
                         resume_token = change["_id"]
             except asyncio.CancelledError:

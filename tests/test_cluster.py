@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import time
 import uuid
 
 import pytest
+from pymongo import AsyncMongoClient, monitoring
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from server.auth import mint_token
+from server.fanout import QUIET_POLL_MAX_SECS, ChangeStreamFanout, PollPacer
 from tests.conftest import free_port
 from tests.processes import ServerProcess
 
@@ -21,9 +25,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def cluster(mongo, tmp_path):
+    """Two server processes started exactly as the test profile starts them: no IM_CHANGE_STREAMS."""
     db_name = f"c_{uuid.uuid4().hex[:10]}"
-    processes = [ServerProcess(free_port(), mongo.uri, db_name, tmp_path / f"server-{i}.log",
-                               IM_CHANGE_STREAMS="auto") for i in range(2)]
+    processes = [ServerProcess(free_port(), mongo.uri, db_name, tmp_path / f"server-{i}.log") for i in range(2)]
     for process in processes:
         process.start()
     yield processes
@@ -52,6 +56,20 @@ async def read_messages(conn, count: int, timeout: float = 10.0) -> list[dict]:
         if frame["type"] == "message":
             got.append(frame["message"])
     return got
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_test_profile_delivers_a_message_sent_on_a_to_a_socket_on_b(cluster):
+    a, b = cluster
+    assert all("IM_CHANGE_STREAMS" not in p.env and p.env["IM_PROFILE"] == "test" for p in cluster)
+    jack = await connect(b, "Jack")
+    code, sent = await post(a, "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
+                                                    "content": "sent on A"}, "Rose", "doctor")
+    assert code == 201
+    (got,) = await read_messages(jack, 1)
+    assert got["id"] == sent["id"] and got["content"] == "sent on A"
+    assert "change-stream fan-out started" in b.log_text()
+    jack.close()
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -130,10 +148,8 @@ async def test_killing_b_mid_stream_loses_nothing_acknowledged(cluster):
     sender = asyncio.ensure_future(doctor_on_b())
     await asyncio.sleep(0.5)
     b.signal(signal.SIGKILL)
-    try:
+    with contextlib.suppress(Exception):  # the connection to B broke mid-request: not acknowledged
         await sender
-    except Exception:
-        pass  # the connection to B broke mid-request: that message was not acknowledged
     assert acknowledged
     received = await read_messages(jack, len(acknowledged))
     ids = [m["id"] for m in received]
@@ -164,3 +180,89 @@ async def test_presence_is_shared_between_processes(cluster):
         await asyncio.sleep(0.05)
     gone = await presence_on_b()
     assert gone["online"] is False and gone["lastSeen"]
+
+
+class GetMoreCounter(monitoring.CommandListener):
+    """Counts the getMore commands a client sends, and when."""
+
+    def __init__(self) -> None:
+        self.sent_at: list[float] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "getMore":
+            self.sent_at.append(time.monotonic())
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def count_between(self, start: float, end: float) -> int:
+        return sum(1 for t in self.sent_at if start <= t < end)
+
+
+@pytest.fixture
+def process_a(mongo, settings, tmp_path):
+    """Another server process on this test's database (plain test profile)."""
+    process = ServerProcess(free_port(), mongo.uri, settings.db_name, tmp_path / "a.log").start()
+    yield process
+    process.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_follower_polls_a_few_times_a_second_and_the_first_message_after_still_comes_fast(
+        services, settings, api, process_a):
+    """nx-27017 answers an empty getMore at once: a quiet follower must back off (it polled every 20 ms,
+    150 getMores a second: 13 % of a core), yet deliver the first message after the quiet within 1 s."""
+    counter = GetMoreCounter()
+    client: AsyncMongoClient[dict] = AsyncMongoClient(settings.mongo_uri, tz_aware=True, event_listeners=[counter])
+    # This process's fan-out, wired as server/lifecycle.py wires it, on a client whose getMores we count.
+    fanout = ChangeStreamFanout(client[settings.db_name], services.hub, services.groups,
+                                services.messages.stored_ids)
+    try:
+        jack = await api.ws("Jack")
+        fanout.start()
+        started = time.monotonic()
+        window_secs = 4 * QUIET_POLL_MAX_SECS
+        # The pace doubles from 20 ms to QUIET_POLL_MAX_SECS within about 2 × QUIET_POLL_MAX_SECS.
+        quiet_from = started + 2.5 * QUIET_POLL_MAX_SECS
+        await asyncio.sleep(quiet_from + window_secs - time.monotonic())  # the measuring window itself
+        polls = counter.count_between(quiet_from, quiet_from + window_secs)
+        # Three streams, each at most once per QUIET_POLL_MAX_SECS (+1 for the window's edges).
+        assert polls <= 3 * (window_secs / QUIET_POLL_MAX_SECS + 1), polls
+
+        code, sent = await post(process_a, "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
+                                                                "content": "after the quiet"}, "Rose", "doctor")
+        stored = time.monotonic()
+        assert code == 201
+        frame = await jack.recv_type("message")
+        assert frame["message"]["id"] == sent["id"]
+        assert time.monotonic() - stored < 1.0
+    finally:
+        await fanout.stop()
+        await client.close()
+
+
+def test_poll_pacer_backs_off_when_quiet_and_is_fast_again_on_a_change():
+    now = [100.0]
+    pacer = PollPacer(busy_secs=0.02, max_secs=0.6, hold_secs=2.0, clock=lambda: now[0])
+    paces = []
+    for _ in range(8):  # quiet: the pace doubles up to the cap
+        wait = pacer.next_wait()
+        assert 0 < wait <= pacer.pace_secs
+        now[0] += wait
+        paces.append(pacer.pace_secs)
+    assert paces == pytest.approx([0.04, 0.08, 0.16, 0.32, 0.6, 0.6, 0.6, 0.6])
+    # Waits end on multiples of the pace, so that quiet followers wake up together.
+    assert now[0] / 0.6 == pytest.approx(round(now[0] / 0.6))
+
+    pacer.note_change()
+    now[0] += 0.001
+    assert pacer.next_wait() <= 0.02 and pacer.pace_secs == 0.02  # fast again at once
+    now[0] += 1.5
+    pacer.next_wait()
+    assert pacer.pace_secs == 0.02  # and stays fast while more changes may come
+    now[0] += 1.0
+    pacer.next_wait()
+    assert pacer.pace_secs == pytest.approx(0.04)  # then backs off again
