@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import tornado.web
-
 from handlers.chats import ChatsHandler
 from handlers.consultations import ConsultationEndHandler, ConsultationsHandler
 from handlers.conversations import ConversationsHandler, ReadMarkerHandler
 from handlers.files import FileDownloadHandler, FileUploadHandler
 from handlers.groups import GroupHandler, GroupMemberHandler, GroupMembersHandler, GroupsHandler
+from handlers.index import IndexHandler, SdkReadmeHandler
 from handlers.openapi import OpenApiHandler
+from handlers.sdk_files import SdkFileHandler
 from handlers.status import StatusHandler
-from handlers.users import PresenceHandler, UserGroupsHandler
+from handlers.users import PresenceHandler, UserGroupsHandler, UserRoleHandler
 from handlers.ws import ChatSocketHandler
 
 
@@ -29,6 +29,7 @@ def default_handlers(sdk_dir: Path) -> list[Any]:
         (r"/api/v1/groups/([^/]+)/members/([^/]+)", GroupMemberHandler),
         (r"/api/v1/users/([^/]+)/groups", UserGroupsHandler),
         (r"/api/v1/users/([^/]+)/presence", PresenceHandler),
+        (r"/api/v1/users/([^/]+)/role", UserRoleHandler),
         (r"/api/v1/consultations", ConsultationsHandler),
         (r"/api/v1/consultations/([^/]+)/end", ConsultationEndHandler),
         (r"/api/v1/files", FileUploadHandler),
@@ -36,5 +37,7 @@ def default_handlers(sdk_dir: Path) -> list[Any]:
         (r"/api/v1/status", StatusHandler),
         (r"/api/v1/openapi.json", OpenApiHandler),
         (r"/ws", ChatSocketHandler),
-        (r"/sdk/(.*)", tornado.web.StaticFileHandler, {"path": str(sdk_dir)}),
+        (r"/", IndexHandler),
+        (r"/docs/sdk", SdkReadmeHandler),
+        (r"/sdk/(.*)", SdkFileHandler, {"path": str(sdk_dir)}),
     ]

@@ -12,8 +12,14 @@
  *   - incoming messages are de-duplicated by `id` (delivery is at least once across reconnects);
  *   - `received` markers are sent automatically, never past a message this client has not seen;
  *   - an app-level ping every ~20 s; no answer in time means the connection is dead;
- *   - reconnects with exponential back-off and jitter, and stops (error `unauthenticated`) when the
- *     server refuses the token.
+ *   - reconnects with exponential back-off and jitter (one function for every wait), asks the
+ *     optional `getToken` hook for a fresh token before every attempt, and stops (error
+ *     `unauthenticated`) when the server refuses the token;
+ *   - `history()` pages a conversation's stored messages over REST, newest page first.
+ *
+ * The connection has one state, `client.state`: "idle" (never started), "connecting" (a handshake
+ * or a back-off wait), "open", "closed" (close() or a refused token); every change emits
+ * `statechange`.
  */
 (function (root, factory) {
   "use strict";
@@ -47,9 +53,14 @@
   // Server error codes worth retrying with the same clientMsgId (idempotent on the server).
   var RETRYABLE_CODES = { database_unavailable: true, rate_limited: true };
 
+  // The highest seq a page of history can ask below (the server's bound; JavaScript's safe integer).
+  var NEWEST_SEQ = 9007199254740991;
+  var MAX_HISTORY_LIMIT = 200;
+
   var DEFAULTS = {
     url: null,                    // http(s) origin of the server; default: the page's origin
-    token: null,                  // the JWT
+    token: null,                  // the JWT (optional when getToken is given)
+    getToken: null,               // async () => a fresh JWT, called before every connection attempt
     WebSocket: null,              // a WebSocket implementation (default: the global one)
     heartbeatIntervalMs: 20000,   // app-level {"type":"ping"} every this long
     pongTimeoutMs: 10000,         // no frame at all this long after a ping: the connection is dead
@@ -128,6 +139,15 @@
     }
   }
 
+  /**
+   * The one back-off: attempt 0, 1, 2 ... waits about minMs, 2·minMs, 4·minMs ... up to maxMs, with
+   * "equal jitter" (between half and all of that), so a crowd of clients spreads out.
+   */
+  function backoffDelay(attempt, minMs, maxMs) {
+    var ceiling = Math.min(maxMs, minMs * Math.pow(2, Math.max(0, attempt)));
+    return Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+  }
+
   function utf8Length(text) {
     if (typeof TextEncoder !== "undefined") return new TextEncoder().encode(text).length;
     return unescape(encodeURIComponent(text)).length;
@@ -179,12 +199,80 @@
     return frame;
   }
 
+  function checkSeqBound(name, value) {
+    var n = Number(value);
+    if (!(n >= 0) || Math.floor(n) !== n || n > NEWEST_SEQ) {
+      throw new TypeError("history: " + name + " must be an integer seq >= 0");
+    }
+    return n;
+  }
+
+  function isoTime(name, value) {
+    if (typeof value !== "string" && !(value instanceof Date)) {
+      throw new TypeError("history: " + name + " must be a Date or an ISO 8601 string");
+    }
+    var date = value instanceof Date ? value : new Date(value);
+    if (isNaN(date.getTime())) throw new TypeError("history: " + name + " is not a valid time");
+    // A string is passed as given (it may carry its own offset); a Date as UTC.
+    return typeof value === "string" ? value : date.toISOString();
+  }
+
+  /**
+   * {channel, params} for GET /api/v1/chats/{channel} from history()'s spec, validated.
+   * Without `after` (or a cursor) it asks below `before`, newest seq by default: the newest page.
+   */
+  function historyQuery(spec, me) {
+    if (!spec || typeof spec !== "object") throw new TypeError("history: expected {channel, peer|group, ...}");
+    var params = {};
+    var channel = spec.channel;
+    if (channel === "pm" || channel === "sm") {
+      var user = spec.user !== undefined ? spec.user : me;
+      if (typeof user !== "string" || !user) throw new TypeError("history: user is unknown (pass `user`)");
+      params.user_id = user;
+      if (channel === "pm") {
+        if (typeof spec.peer !== "string" || !spec.peer) throw new TypeError("history: pm needs a peer");
+        params.peer = spec.peer;
+      }
+    } else if (channel === "gm") {
+      if (typeof spec.group !== "string" || !spec.group) throw new TypeError("history: gm needs a group");
+      params.group = spec.group;
+    } else {
+      throw new TypeError("history: channel must be sm, pm or gm");
+    }
+    if (spec.limit !== undefined && spec.limit !== null) {
+      var limit = Number(spec.limit);
+      if (!(limit >= 1) || Math.floor(limit) !== limit || limit > MAX_HISTORY_LIMIT) {
+        throw new TypeError("history: limit must be an integer from 1 to " + MAX_HISTORY_LIMIT);
+      }
+      params.limit = limit;
+    }
+    if (spec.since !== undefined && spec.since !== null) params.since = isoTime("since", spec.since);
+    if (spec.until !== undefined && spec.until !== null) params.until = isoTime("until", spec.until);
+    if (spec.cursor !== undefined && spec.cursor !== null) {
+      if (typeof spec.cursor !== "string" || !spec.cursor) throw new TypeError("history: cursor must be a page's `next`");
+      params.cursor = spec.cursor;
+      return { channel: channel, params: params };
+    }
+    if (spec.after !== undefined && spec.after !== null) params.after = checkSeqBound("after", spec.after);
+    if (spec.before !== undefined && spec.before !== null) params.before = checkSeqBound("before", spec.before);
+    else if (params.after === undefined) params.before = NEWEST_SEQ;
+    return { channel: channel, params: params };
+  }
+
+  function queryString(params) {
+    return Object.keys(params).map(function (k) {
+      return encodeURIComponent(k) + "=" + encodeURIComponent(params[k]);
+    }).join("&");
+  }
+
   // ---- the client ---------------------------------------------------------------------------
 
   /**
-   * new IMClient({url, token, ...options})
-   *   url    http(s) origin of the server (default: the page's own origin)
-   *   token  JWT; the user id is its `sub`
+   * new IMClient({url, token, getToken, ...options})
+   *   url       http(s) origin of the server (default: the page's own origin)
+   *   token     JWT; the user id is its `sub`
+   *   getToken  optional async function returning a fresh JWT, called before every connection
+   *             attempt (and once after a REST 401), so an expiring token can be refreshed
    */
   function IMClient(options) {
     if (!(this instanceof IMClient)) return new IMClient(options);
@@ -199,19 +287,25 @@
     if (!this.url) throw new TypeError("IMClient: url (the server's http(s) origin) is required here");
     this._WebSocket = opts.WebSocket || (root && root.WebSocket);
     if (!this._WebSocket) throw new TypeError("IMClient: no WebSocket implementation; pass options.WebSocket");
-    this.setToken(opts.token);
+    if (opts.getToken !== null && typeof opts.getToken !== "function") {
+      throw new TypeError("IMClient: getToken must be a function returning (a Promise of) a token");
+    }
+    this.token = null;
+    this.userId = null;
+    this.role = null;
+    if (opts.token !== null || !opts.getToken) this.setToken(opts.token);
 
     this._listeners = {};
-    this._ws = null;
-    this._state = "idle";          // idle | connecting | open | waiting (to reconnect) | closed
-    this._wanted = false;          // connect() called and close() not since
-    this._everConnected = false;
-    this._failures = 0;            // consecutive attempts that did not end in a useful connection
+    this._state = "idle";          // the one connection state: idle | connecting | open | closed
+    this._conn = null;             // the current attempt: {ws, opened}; null while waiting or stopped
+    this._attempt = 0;             // consecutive attempts that did not end in a useful connection
+    this._opens = 0;               // connections that opened (the first one is not a "reconnect")
+    this._tokenRefusals = 0;       // consecutive refusals of a token from getToken
     this._connectWaiters = [];
     this._pending = new Map();     // clientMsgId -> {frame, promise, resolve, reject, retries, retryTimer}
     this._seen = new Set();        // message ids already emitted
     this._seenOrder = [];
-    this._marks = new Map();       // conversation key -> {base, contig, acked: Set<seq>}
+    this._marks = new Map();       // conversation key -> {conv, contig, acked: Set<seq>}
     this._receivedQueue = new Map();
     this._readQueue = new Map();   // read markers set while offline, sent on open
     this._timers = {};
@@ -222,6 +316,7 @@
   IMClient.IMError = IMError;
   IMClient.decodeToken = decodeToken;
   IMClient.newId = randomId;
+  IMClient.backoffDelay = backoffDelay;
 
   var proto = IMClient.prototype;
 
@@ -239,7 +334,7 @@
 
   // ---- events ---------------------------------------------------------------------------------
 
-  /** Listen: message, receipt, connected, disconnected, reconnecting, error. Returns this. */
+  /** Listen: message, receipt, connected, disconnected, reconnecting, statechange, error. Returns this. */
   proto.on = function (event, fn) {
     if (typeof fn !== "function") throw new TypeError("IMClient.on: listener must be a function");
     (this._listeners[event] = this._listeners[event] || []).push(fn);
@@ -268,6 +363,18 @@
     }
   };
 
+  proto._setState = function (state) {
+    var previous = this._state;
+    if (previous === state) return;
+    this._state = state;
+    this._emit("statechange", { state: state, previous: previous });
+  };
+
+  /** connect() was called and neither close() nor a refused token has stopped the client since. */
+  proto._isActive = function () {
+    return this._state === "connecting" || this._state === "open";
+  };
+
   // ---- connection -----------------------------------------------------------------------------
 
   /** Open the connection; resolves when it is open, rejects (code unauthenticated) if refused. */
@@ -277,78 +384,112 @@
     var promise = new Promise(function (resolve, reject) {
       self._connectWaiters.push({ resolve: resolve, reject: reject });
     });
-    if (!this._wanted) {
-      this._wanted = true;
-      this._failures = 0;
+    if (!this._isActive()) {
+      this._attempt = 0;
+      this._tokenRefusals = 0;
       if (root.addEventListener) root.addEventListener("online", this._onOnline);
     }
-    if (this._state !== "connecting") this._open();
+    // Waiting out a back-off (no attempt under way): try now.
+    if (!this._conn) this._open();
     return promise;
   };
 
   /** Drop the current connection (if any) and connect again now. */
   proto.reconnect = function () {
-    if (!this._wanted) return this.connect();
-    if (this._ws) this._abandon(4001, "reconnect requested");
-    else this._open();
+    if (!this._isActive()) return this.connect();
+    this._abandon(4001, "reconnect requested");
     return this.connect();
   };
 
   /** Close for good: no reconnecting; pending sends reject with code "closed". */
   proto.close = function () {
     var wasOpen = this._state === "open";
-    this._wanted = false;
     if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
-    this._flushReceived();
+    this._flushReceived();  // while still open: what this client has is not delivered again
     this._clearTimers();
-    var ws = this._ws;
-    this._ws = null;
-    if (ws) {
-      this._detach(ws);
-      try { ws.close(1000, "client closed"); } catch (e) { /* already closing */ }
+    var conn = this._conn;
+    this._conn = null;
+    if (conn && conn.ws) {
+      detachSocket(conn.ws);
+      try { conn.ws.close(1000, "client closed"); } catch (e) { /* already closing */ }
     }
-    this._state = "closed";
+    this._setState("closed");
     var error = IMError("closed", "the client was closed");
     this._rejectConnectWaiters(error);
     this._rejectPending(error);
     if (wasOpen) this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
   };
 
+  /** Start one connection attempt: a fresh token first (getToken), then the WebSocket. */
   proto._open = function () {
     var self = this;
     this._clearTimer("reconnect");
-    if (!this._wanted) return;
+    var conn = { ws: null, opened: false };
+    this._conn = conn;
+    this._setState("connecting");
+    // Covers getToken as well as the handshake: neither may leave the client hanging.
+    this._setTimer("connect", this.options.connectTimeoutMs, function () {
+      if (self._conn === conn && (!conn.ws || conn.ws.readyState === WS_CONNECTING)) {
+        self._abandon(4002, "connect timeout");
+      }
+    });
+    this._freshToken().then(function () {
+      if (self._conn === conn) self._dial(conn);
+    }, function (err) {
+      if (self._conn !== conn) return;  // closed or replaced meanwhile
+      self._conn = null;
+      if (err && err.code === "unauthenticated") {
+        self._unauthenticated();
+        return;
+      }
+      self._emit("error", IMError("token_unavailable", "getToken failed: " + (err && err.message || err)));
+      self._scheduleReconnect();
+    });
+  };
+
+  /** Resolves once this.token is the one to use (asks getToken when given). */
+  proto._freshToken = function () {
+    var self = this;
+    var getToken = this.options.getToken;
+    if (!getToken) return Promise.resolve(this.token);
+    return Promise.resolve().then(function () { return getToken(); }).then(function (token) {
+      if (typeof token !== "string" || !token) {
+        throw IMError("unauthenticated", "getToken gave no token");
+      }
+      self.setToken(token);
+      return token;
+    });
+  };
+
+  proto._dial = function (conn) {
+    var self = this;
     var wsUrl = this.url.replace(/^http/i, "ws") + "/ws?token=" + encodeURIComponent(this.token);
     var ws;
     try {
       ws = new this._WebSocket(wsUrl);
     } catch (err) {
       this._emit("error", IMError("connect_failed", "cannot open a WebSocket: " + (err && err.message)));
-      this._socketGone(ws, 1006, "constructor failed", false);
+      this._socketGone(conn, 1006, "constructor failed");
       return;
     }
-    this._ws = ws;
-    this._state = "connecting";
-    ws._imOpened = false;
-    ws.onopen = function () { if (self._ws === ws) self._onOpen(ws); };
-    ws.onmessage = function (event) { if (self._ws === ws) self._onFrame(event.data); };
+    conn.ws = ws;
+    ws.onopen = function () { if (self._conn === conn) self._onOpen(conn); };
+    ws.onmessage = function (event) { if (self._conn === conn) self._onFrame(event.data); };
     ws.onerror = function () { /* always followed by onclose, which does the work */ };
     ws.onclose = function (event) {
-      if (self._ws === ws) self._socketGone(ws, event.code, event.reason, ws._imOpened);
+      if (self._conn === conn) self._socketGone(conn, event.code, event.reason);
     };
-    this._setTimer("connect", this.options.connectTimeoutMs, function () {
-      if (self._ws === ws && ws.readyState === WS_CONNECTING) self._abandon(4002, "connect timeout");
-    });
   };
 
-  proto._onOpen = function (ws) {
+  proto._onOpen = function (conn) {
     var self = this;
     this._clearTimer("connect");
-    ws._imOpened = true;
-    this._state = "open";
-    var reconnected = this._everConnected;
-    this._everConnected = true;
-    // _failures is reset only once the connection has proved useful (a first frame or a ping
+    conn.opened = true;
+    this._tokenRefusals = 0;
+    var reconnected = this._opens > 0;
+    this._opens += 1;
+    this._setState("open");
+    // _attempt is reset only once the connection has proved useful (a first frame or a ping
     // answered), so a server that accepts and drops at once still meets the back-off.
     this._startHeartbeat();
     this._transmit({ type: "ping" });  // its pong proves the connection useful (resets back-off)
@@ -365,65 +506,73 @@
     waiters.forEach(function (w) { w.resolve(self); });
   };
 
-  /** Forget a socket now (it may be half dead: its close could take long) and carry on. */
-  proto._abandon = function (code, reason) {
-    var ws = this._ws;
-    if (!ws) return;
-    var opened = ws._imOpened;
-    this._detach(ws);
-    try { ws.close(code, reason); } catch (e) { /* ignore */ }
-    this._socketGone(ws, code, reason, opened);
-  };
-
-  proto._detach = function (ws) {
+  function detachSocket(ws) {
     ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  }
+
+  /** Forget the current attempt now (its socket may be half dead: a close could take long). */
+  proto._abandon = function (code, reason) {
+    var conn = this._conn;
+    if (!conn) return;
+    if (conn.ws) {
+      detachSocket(conn.ws);
+      try { conn.ws.close(code, reason); } catch (e) { /* ignore */ }
+    }
+    this._socketGone(conn, code, reason);
   };
 
-  proto._socketGone = function (ws, code, reason, opened) {
+  proto._socketGone = function (conn, code, reason) {
     var self = this;
-    if (ws && this._ws === ws) this._ws = null;
+    if (this._conn === conn) this._conn = null;
     this._clearTimer("connect");
     this._stopHeartbeat();
-    if (this._state === "closed" || !this._wanted) {
-      this._state = this._wanted ? this._state : "closed";
+    if (!this._isActive()) return;
+    this._setState("connecting");
+    if (conn.opened) {
+      this._emit("disconnected", { code: code, reason: reason || "", willReconnect: true });
+      this._scheduleReconnect();
       return;
     }
-    this._state = "waiting";
-    if (opened) {
-      this._emit("disconnected", { code: code, reason: reason || "", willReconnect: true });
+    if (!conn.ws) {
+      // getToken did not answer in time: nothing was refused, try again later.
+      this._emit("error", IMError("token_unavailable", "getToken gave no answer within connectTimeoutMs"));
       this._scheduleReconnect();
       return;
     }
     // Closed before it opened: a down server, a refused token (browsers hide the 401 and report
     // 1006), or a connection cap (429). Only a REST call can tell them apart.
     this._checkToken().then(function (verdict) {
-      if (!self._wanted || self._ws) return;  // closed or reconnected meanwhile
-      if (verdict === "rejected") self._unauthenticated();
-      else self._scheduleReconnect();
+      if (!self._isActive() || self._conn || self._timers.reconnect) return;  // moved on meanwhile
+      if (verdict !== "rejected") {
+        self._scheduleReconnect();
+      } else if (self.options.getToken && self._tokenRefusals < 1) {
+        // The token may just have expired: one more attempt, with a fresh one from getToken.
+        self._tokenRefusals += 1;
+        self._scheduleReconnect();
+      } else {
+        self._unauthenticated();
+      }
     });
   };
 
   proto._scheduleReconnect = function () {
     var self = this;
-    if (!this._wanted) return;
+    if (!this._isActive()) return;
     var o = this.options;
-    var ceiling = Math.min(o.reconnectMaxDelayMs, o.reconnectMinDelayMs * Math.pow(2, this._failures));
-    // "Equal jitter": between half and all of the ceiling, so a crowd of clients spreads out.
-    var delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
-    this._failures += 1;
-    this._state = "waiting";
-    this._emit("reconnecting", { attempt: this._failures, delayMs: delay });
+    var delay = backoffDelay(this._attempt, o.reconnectMinDelayMs, o.reconnectMaxDelayMs);
+    this._attempt += 1;
+    this._setState("connecting");
+    this._emit("reconnecting", { attempt: this._attempt, delayMs: delay });
     this._setTimer("reconnect", delay, function () { self._open(); });
   };
 
   proto._onOnline = function () {
     // The network is back: do not sit out the rest of a long back-off.
-    if (this._wanted && this._state === "waiting") this._open();
+    if (this._state === "connecting" && !this._conn) this._open();
   };
 
   /** "rejected" (401), "ok" (token accepted or server answered otherwise), or "unknown". */
   proto._checkToken = function () {
-    var self = this;
     var payload = decodeToken(this.token);
     var localVerdict = !payload ? "rejected"
       : typeof payload.exp === "number" && payload.exp * 1000 < Date.now() ? "rejected" : "unknown";
@@ -438,18 +587,15 @@
     }, function () {
       // Server unreachable (or a cross-origin page without CORS): trust what the token itself says.
       return localVerdict;
-    }).then(function (verdict) {
-      self._lastTokenCheck = verdict;
-      return verdict;
     });
   };
 
   proto._unauthenticated = function () {
     var error = IMError("unauthenticated", "the server refused the token (expired, malformed or badly signed)");
-    this._wanted = false;
-    this._state = "closed";
+    this._conn = null;
     this._clearTimers();
     if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
+    this._setState("closed");
     this._emit("error", error);
     this._rejectConnectWaiters(error);
     this._rejectPending(error);
@@ -519,7 +665,7 @@
   // ---- frames in ------------------------------------------------------------------------------
 
   proto._transmit = function (frame) {
-    var ws = this._ws;
+    var ws = this._conn && this._conn.ws;
     if (!ws || this._state !== "open" || ws.readyState !== WS_OPEN) return false;
     try {
       ws.send(JSON.stringify(frame));
@@ -532,7 +678,7 @@
   proto._onFrame = function (data) {
     // Any frame proves the connection alive: no need to wait for the pong itself.
     this._clearTimer("pong");
-    this._failures = 0;
+    this._attempt = 0;
     var frame;
     try {
       frame = JSON.parse(data);
@@ -584,8 +730,7 @@
     }
     if (RETRYABLE_CODES[frame.code] && entry.retries < this.options.maxSendRetries) {
       entry.retries += 1;
-      var delay = Math.min(this.options.reconnectMaxDelayMs,
-        this.options.reconnectMinDelayMs * Math.pow(2, entry.retries - 1)) * (0.5 + Math.random() / 2);
+      var delay = backoffDelay(entry.retries - 1, this.options.reconnectMinDelayMs, this.options.reconnectMaxDelayMs);
       entry.retryTimer = setTimeout(function () {
         entry.retryTimer = null;
         if (self._pending.get(frame.clientMsgId) === entry) self._transmit(entry.frame);
@@ -723,6 +868,79 @@
   /** Sends still waiting for their ack (e.g. for a "sending…" indicator). */
   proto.pendingCount = function () {
     return this._pending.size;
+  };
+
+  // ---- history (REST) -------------------------------------------------------------------------
+
+  /**
+   * A page of a conversation's stored messages, oldest first within the page:
+   *   history({channel: "pm", peer, before?, after?, limit?, since?, until?, user?})
+   *   history({channel: "gm", group, ...}) | history({channel: "sm", ...})
+   * Resolves with {messages, next, more()}: `next` is the server's cursor (null at the end) and
+   * more() resolves with the next page in the same direction (older, unless `after` was given),
+   * or null when there is none. Rejects with an IMError carrying the server's code and `status`.
+   */
+  proto.history = function (spec) {
+    var request;
+    try {
+      request = historyQuery(spec, this.userId);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this._historyPage(request.channel, request.params);
+  };
+
+  proto._historyPage = function (channel, params) {
+    var self = this;
+    var path = "/api/v1/chats/" + channel + "?" + queryString(params);
+    return this._restGet(path, true).then(function (body) {
+      var next = body && typeof body.next === "string" ? body.next : null;
+      var page = { messages: body && Array.isArray(body.messages) ? body.messages : [], next: next };
+      page.more = function () {
+        if (!next) return Promise.resolve(null);
+        // The cursor carries the seq bound and the direction; the other filters go along.
+        var following = {};
+        for (var key in params) {
+          if (key !== "before" && key !== "after" && key !== "cursor") following[key] = params[key];
+        }
+        following.cursor = next;
+        return self._historyPage(channel, following);
+      };
+      return page;
+    });
+  };
+
+  /** GET path as this client's user: the JSON body, or an IMError; a 401 asks getToken once. */
+  proto._restGet = function (path, mayRefresh) {
+    var self = this;
+    var fetchFn = root && root.fetch;
+    if (typeof fetchFn !== "function") {
+      return Promise.reject(IMError("unsupported", "history needs fetch (a browser, or Node 18+)"));
+    }
+    var ready = this.token ? Promise.resolve(this.token) : this._freshToken();
+    return ready.then(function () {
+      return fetchFn.call(root, self.url + path, {
+        headers: { Authorization: "Bearer " + self.token, Accept: "application/json" },
+        cache: "no-store",
+        credentials: "omit"
+      });
+    }).then(function (response) {
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        if (response.ok) return body;
+        if (response.status === 401 && mayRefresh && self.options.getToken) {
+          return self._freshToken().then(function () { return self._restGet(path, false); });
+        }
+        var err = body && body.error ? body.error : { code: "http_" + response.status, message: response.statusText };
+        throw IMError(err.code, err.message, { status: response.status });
+      });
+    }, function (err) {
+      // fetch rejects with a TypeError when the server cannot be reached; anything else (an
+      // IMError from getToken, say) goes through as it is.
+      if (err instanceof TypeError) throw IMError("network_error", "the server could not be reached: " + err.message);
+      throw err;
+    });
   };
 
   return IMClient;

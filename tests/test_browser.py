@@ -41,6 +41,11 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = ROOT / "test-artifacts"
 UI_TIMEOUT_MS = 10_000
+# The two screens the pages are made for (STYLE.md: test at a phone size as well as a desktop one).
+PHONE: dict[str, Any] = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+                         "device_scale_factor": 3}
+DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 800}}
+DEVICES = {"phone": PHONE, "desktop": DESKTOP}
 
 pytestmark = [
     pytest.mark.browser,
@@ -139,18 +144,25 @@ class Pages:
         self.errors: list[str] = []
         self.dialogs: list[str] = []
         self.websockets: list[str] = []
+        self.console_errors: list[str] = []  # CSP violations are reported here
 
-    def open(self, name: str, url: str, bypass_csp: bool = False) -> Page:
-        context = self.browser.new_context(viewport={"width": 1100, "height": 720}, bypass_csp=bypass_csp)
+    def open(self, name: str, url: str, bypass_csp: bool = False, device: dict[str, Any] | None = None) -> Page:
+        options = device or {"viewport": {"width": 1100, "height": 720}}
+        context = self.browser.new_context(bypass_csp=bypass_csp, **options)
         self.contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(UI_TIMEOUT_MS)
         page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
         page.on("dialog", self._on_dialog)
         page.on("websocket", lambda ws: self.websockets.append(ws.url))
+        page.on("console", lambda msg: self._on_console(name, msg))
         page.goto(url)
         self.pages.append((name, page))
         return page
+
+    def _on_console(self, name: str, message: Any) -> None:
+        if message.type == "error":
+            self.console_errors.append(f"{name}: {message.text}")
 
     def _on_dialog(self, dialog: Any) -> None:
         self.dialogs.append(dialog.message)
@@ -416,6 +428,8 @@ def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: BrowserS
         client.on('connected', (i) => window.events.push('connected'));
         client.on('disconnected', (i) => window.events.push('disconnected'));
         client.on('error', (e) => window.events.push('error:' + e.code));
+        // From the start: a listener added after the send could miss a fast delivery.
+        client.on('message', (m) => window.events.push('message:' + m.id));
         window.client = client;
         await client.connect();
     }""",
@@ -431,7 +445,6 @@ def test_heartbeat_timeout_reconnects_when_the_server_hangs(own_server: BrowserS
     events = page.evaluate("window.events")
     assert events[:3] == ["connected", "error:heartbeat_timeout", "disconnected"]
     message = own_server.send_pm("HbDoctor", "HbPatient", "after the hang")
-    page.evaluate("() => { window.client.on('message', (m) => window.events.push('message:' + m.id)); }")
     page.wait_for_function(f"window.events.includes('message:{message['id']}')")
 
 
@@ -567,3 +580,304 @@ def test_pages_without_a_token_ask_for_one(server: BrowserServer, pages: Pages) 
     wait_online(page)
     pw_expect(page.locator("#me")).to_have_text("Kim")
     pw_expect(page.locator("#peer-name")).to_have_text("Rose")
+
+
+# ---- the SDK's structure: one state, getToken, history ------------------------------------------
+
+
+def test_one_state_with_statechange_and_get_token_before_every_attempt(server: BrowserServer, pages: Pages) -> None:
+    """getToken gives an expired token first: refused, refreshed, connected; a reconnect asks again."""
+    tokens = [
+        mint_token(server.secret, "GtPatient", "patient", -60),
+        server.token("GtPatient", "patient"),
+        mint_token(server.secret, "GtPatient", "patient", 1800),
+    ]
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, tokens, goodToken}) => {
+        const sockets = [];
+        class RecordingSocket extends WebSocket {
+            constructor(u) { super(u); sockets.push(this); }
+        }
+        let calls = 0;
+        const states = [];
+        const errors = [];
+        const client = new IMClient({url, WebSocket: RecordingSocket, reconnectMinDelayMs: 50,
+                                     reconnectMaxDelayMs: 200, getToken: async () => tokens[calls++]});
+        client.on('statechange', (s) => states.push(s.previous + '>' + s.state));
+        client.on('error', (e) => errors.push(e.code));
+        const initial = client.state;
+        await client.connect();
+        const firstUser = client.userId;
+        const reconnectedInfo = new Promise((r) => client.on('connected', r));
+        await client.reconnect();
+        const info = await reconnectedInfo;
+        const sent = await client.sendP2P('GtDoctor', 'after a token refresh');
+        client.close();
+        // No fields of ours on the WebSocket objects (onopen & co. are the prototype's setters).
+        const ownKeys = sockets.map((ws) => Object.keys(ws));
+
+        // A getToken that fails once (the back end is down) is retried with the back-off.
+        let flaky = 0;
+        const retried = new IMClient({url, reconnectMinDelayMs: 50, reconnectMaxDelayMs: 200,
+            getToken: async () => { if (flaky++ === 0) throw new Error('back end down'); return goodToken; }});
+        const retriedErrors = [];
+        retried.on('error', (e) => retriedErrors.push(e.code));
+        await retried.connect();
+        retried.close();
+
+        // A getToken that never answers is cut off by connectTimeoutMs, then asked again.
+        let hangs = 0;
+        const patient = new IMClient({url, connectTimeoutMs: 300, reconnectMinDelayMs: 50,
+            getToken: () => (hangs++ === 0 ? new Promise(() => {}) : Promise.resolve(goodToken))});
+        const patientErrors = [];
+        patient.on('error', (e) => patientErrors.push(e.code));
+        await patient.connect();
+        patient.close();
+        return {initial, states, errors, calls, firstUser, reconnected: info.reconnected, seq: sent.seq,
+                ownKeys, sockets: sockets.length, flaky, retriedErrors, retriedState: retried.state,
+                hangs, patientErrors};
+    }""",
+        {"url": server.origin, "tokens": tokens, "goodToken": server.token("GtOther", "patient")},
+    )
+    assert result["initial"] == "idle"
+    assert result["states"] == ["idle>connecting", "connecting>open", "open>connecting", "connecting>open",
+                                "open>closed"]
+    assert result["errors"] == [] and result["calls"] == 3 and result["firstUser"] == "GtPatient"
+    assert result["reconnected"] is True and result["seq"] == 1
+    assert result["sockets"] == 3 and result["ownKeys"] == [[], [], []]
+    ws_tokens = [u.split("token=", 1)[1] for u in pages.websockets if "/ws?" in u]
+    assert ws_tokens[:3] == tokens  # each attempt used the token getToken had just given
+    assert result["flaky"] == 2 and result["retriedErrors"] == ["token_unavailable"]
+    assert result["retriedState"] == "closed"
+    assert result["hangs"] == 2 and result["patientErrors"] == ["token_unavailable"]
+
+
+def test_history_pages_pm_gm_and_sm_over_rest(server: BrowserServer, pages: Pages) -> None:
+    for n in range(1, 8):
+        server.send_pm("HiDoctor", "HiPatient", f"第{n}条消息")
+    status, group = server.call("POST", "/api/v1/groups", {"id": "hi-group", "name": "诊所通知", "groupType": 1,
+                                                           "members": ["HiDoctor", "HiPatient"]},
+                                as_=("HiDoctor", "doctor"))
+    assert status == 201, group
+    status, gm = server.call("POST", "/api/v1/chats/gm", {"from": "HiDoctor", "group": "hi-group", "contentType": 1,
+                                                          "content": "明天停诊"}, as_=("HiDoctor", "doctor"))
+    assert status == 201, gm
+    status, sm = server.call("POST", "/api/v1/chats/sm", {"to": "HiPatient", "title": "t", "summary": "s",
+                                                          "contentType": 1, "content": "系统通知"},
+                             as_=("platform", "service"))
+    assert status == 201, sm
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, token}) => {
+        const client = new IMClient({url, token});  // REST only: no connect() needed
+        const seqs = (page) => page.messages.map((m) => m.seq);
+        const pages = [];
+        let page = await client.history({channel: 'pm', peer: 'HiDoctor', limit: 3});
+        while (page) { pages.push({seqs: seqs(page), next: page.next}); page = await page.more(); }
+        const between = await client.history({channel: 'pm', peer: 'HiDoctor', after: 2, before: 6});
+        const forwards = await client.history({channel: 'pm', peer: 'HiDoctor', after: 3, limit: 2});
+        const forwardsMore = await forwards.more();
+        const below = await client.history({channel: 'pm', peer: 'HiDoctor', before: 3});
+        const gm = await client.history({channel: 'gm', group: 'hi-group'});
+        const sm = await client.history({channel: 'sm'});
+        const failures = {};
+        const attempts = {
+            noPeer: {channel: 'pm'}, badChannel: {channel: 'xx'},
+            bigLimit: {channel: 'pm', peer: 'HiDoctor', limit: 500},
+            badBefore: {channel: 'pm', peer: 'HiDoctor', before: -1},
+            badSince: {channel: 'pm', peer: 'HiDoctor', since: 'soon'},
+            othersPm: {channel: 'pm', peer: 'HiDoctor', user: 'SomeoneElse'},
+            notMember: {channel: 'gm', group: 'no-such-group'},
+        };
+        for (const [name, spec] of Object.entries(attempts)) {
+            try { await client.history(spec); failures[name] = 'resolved'; }
+            catch (e) { failures[name] = {name: e.name, code: e.code || null, status: e.status || null}; }
+        }
+        return {pages, between: seqs(between), forwards: seqs(forwards), forwardsMore: seqs(forwardsMore),
+                below: seqs(below), gm: gm.messages.map((m) => m.content), sm: sm.messages.map((m) => m.content),
+                first: (await client.history({channel: 'pm', peer: 'HiDoctor', limit: 1})).messages[0].content,
+                failures};
+    }""",
+        {"url": server.origin, "token": server.token("HiPatient", "patient")},
+    )
+    assert [p["seqs"] for p in result["pages"]] == [[5, 6, 7], [2, 3, 4], [1]]
+    assert result["pages"][0]["next"] and result["pages"][-1]["next"] is None
+    assert result["between"] == [3, 4, 5] and result["below"] == [1, 2]
+    assert result["forwards"] == [4, 5] and result["forwardsMore"] == [6, 7]
+    assert result["first"] == "第7条消息"
+    assert result["gm"][-1] == "明天停诊" and result["sm"] == ["系统通知"]
+    failures = result["failures"]
+    for name in ("noPeer", "badChannel", "bigLimit", "badBefore", "badSince"):
+        assert failures[name] == {"name": "TypeError", "code": None, "status": None}, name
+    assert failures["othersPm"] == {"name": "IMError", "code": "forbidden", "status": 403}
+    assert failures["notMember"]["name"] == "IMError" and failures["notMember"]["status"] in (403, 404)
+
+
+# ---- the pages on a phone and on a desktop --------------------------------------------------------
+
+
+def assert_usable(page: Page, selector: str) -> None:
+    """Visible, wholly inside the viewport, and not covered: a tap at its centre reaches it."""
+    locator = page.locator(selector)
+    pw_expect(locator).to_be_visible()
+    box = locator.bounding_box()
+    size = page.viewport_size
+    assert box is not None and size is not None, selector
+    assert box["x"] >= 0 and box["y"] >= 0, (selector, box)
+    assert box["x"] + box["width"] <= size["width"] + 0.5, (selector, box, size)
+    assert box["y"] + box["height"] <= size["height"] + 0.5, (selector, box, size)
+    reached = locator.evaluate("""(el) => {
+        const r = el.getBoundingClientRect();
+        const hit = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+        return hit === el || el.contains(hit);
+    }""")
+    assert reached, f"{selector} is covered by another element"
+
+
+def assert_no_sideways_scroll(page: Page) -> None:
+    widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+
+
+def press(page: Page, selector: str, touch: bool) -> None:
+    """A finger's tap on a phone, a click on a desktop."""
+    if touch:
+        page.locator(selector).tap()
+    else:
+        page.locator(selector).click()
+
+
+def save_screenshot(page: Page, name: str) -> None:
+    """Kept on success too: these are for people to look at (Chinese text, layout)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+@pytest.mark.parametrize("size", ["phone", "desktop"])
+def test_patient_and_doctor_pages_work_on_a_phone_and_a_desktop(server: BrowserServer, pages: Pages,
+                                                                size: str) -> None:
+    device = DEVICES[size]
+    touch = size == "phone"
+    patient_id, doctor_id = f"Mei-{size}", f"DrLi-{size}"
+    server.send_pm(doctor_id, patient_id, "您好，我是李医生。今天感觉怎么样？")
+
+    patient = pages.open("patient", server.page_url("patient.html", server.token(patient_id, "patient"),
+                                                    peer=doctor_id), device=device)
+    wait_online(patient)
+    wait_for_text(patient, "今天感觉怎么样")
+    for selector in ("#status", "#thread", "#input", "#send"):
+        assert_usable(patient, selector)
+    # On a touch screen Enter is a new line; the Send button sends.
+    patient.locator("#input").fill("医生您好，我发烧了。")
+    if touch:
+        patient.locator("#input").press("Enter")
+        patient.locator("#input").press_sequentially("体温38.5度，头疼。")
+        pw_expect(patient.locator("#thread .msg")).to_have_count(1)  # nothing sent by Enter
+    press(patient, "#send", touch)
+    expected = "医生您好，我发烧了。\n体温38.5度，头疼。" if touch else "医生您好，我发烧了。"
+    pw_expect(patient.locator("#thread .msg.mine .text")).to_have_text([expected])
+    pw_expect(patient.locator("#thread .msg.mine .state")).to_have_text(["Sent"])
+
+    # The console without a chat named: on a phone the patient list alone, then one thread.
+    doctor = pages.open("doctor", server.page_url("doctor.html", server.token(doctor_id, "doctor")), device=device)
+    wait_online(doctor)
+    item = f'#conversations .conversation[data-peer="{patient_id}"]'
+    assert_usable(doctor, item)
+    pw_expect(doctor.locator(item + " .badge")).to_have_text("1")
+    if touch:
+        pw_expect(doctor.locator("#thread")).to_be_hidden()
+    press(doctor, item, touch)
+    wait_for_text(doctor, "体温" if touch else "我发烧了")
+    selectors = ["#thread", "#input", "#send", "#start-consultation", "#end-consultation"]
+    for selector in selectors + (["#back"] if touch else []):
+        assert_usable(doctor, selector)
+    if not touch:
+        pw_expect(doctor.locator("#back")).to_be_hidden()
+        assert_usable(doctor, item)  # list and thread side by side
+    pw_expect(patient.locator("#thread .msg.mine .state")).to_have_text(["Read"])
+
+    doctor.locator("#input").fill("多喝水，按时吃药。明天再量体温。")
+    press(doctor, "#send", touch)
+    wait_for_text(patient, "多喝水")
+    wait_for_text(doctor, "多喝水")
+
+    press(doctor, "#start-consultation", touch)
+    wait_for_text(patient, "Consultation started")
+    pw_expect(doctor.locator("#end-consultation")).to_be_enabled()
+    assert_usable(doctor, "#end-consultation")
+    for page, name in ((patient, "patient"), (doctor, "doctor")):
+        assert_no_sideways_scroll(page)
+        save_screenshot(page, f"layout-{size}-{name}")
+    press(doctor, "#end-consultation", touch)
+    wait_for_text(patient, "Consultation ended")
+    pw_expect(doctor.locator("#consultation-state")).to_have_text("no open consultation")
+
+    if touch:
+        press(doctor, "#back", touch)  # back to the list, which shows the last message
+        assert_usable(doctor, item)
+        pw_expect(doctor.locator("#thread")).to_be_hidden()
+        server.send_pm(patient_id, doctor_id, "谢谢医生", role="patient")
+        pw_expect(doctor.locator(item + " .badge")).to_have_text("1")  # no thread open: unread
+        save_screenshot(doctor, f"layout-{size}-doctor-list")
+        press(doctor, item, touch)
+        wait_for_text(doctor, "谢谢医生")
+        assert_usable(doctor, "#input")
+    assert not pages.errors, pages.errors
+
+
+def test_read_state_survives_a_reload_on_both_pages(server: BrowserServer, pages: Pages) -> None:
+    patient = pages.open("patient", server.page_url("patient.html", server.token("Lan", "patient"), peer="DrWu"))
+    doctor = pages.open("doctor", server.page_url("doctor.html", server.token("DrWu", "doctor"), peer="Lan"))
+    wait_online(patient)
+    wait_online(doctor)
+    send_from_page(doctor, "记得空腹抽血")
+    wait_for_text(patient, "记得空腹抽血")  # the patient's page is open: read at once
+    pw_expect(doctor.locator("#thread .msg.mine .state")).to_have_text(["Read"])
+    send_from_page(patient, "好的，明早去")
+    wait_for_text(doctor, "好的，明早去")
+    pw_expect(patient.locator("#thread .msg.mine .state")).to_have_text(["Read"])
+
+    for page in (doctor, patient):
+        page.reload()
+        wait_online(page)
+        pw_expect(page.locator("#thread .msg")).to_have_count(2)
+        pw_expect(page.locator("#thread .msg.mine .state")).to_have_text(["Read"])
+    assert not pages.errors, pages.errors
+
+
+def test_earlier_messages_load_a_page_at_a_time(server: BrowserServer, pages: Pages) -> None:
+    for n in range(1, 61):
+        server.send_pm("DrZhao", "Ping", f"message {n}")
+    # Read (so received) elsewhere before: the connect backlog has nothing, history has it all.
+    marker = {"user_id": "Ping", "channel": "pm", "peer": "DrZhao", "seq": 60}
+    status, body = server.call("POST", "/api/v1/conversations/read", marker, as_=("Ping", "patient"))
+    assert status == 200, body
+    patient = pages.open("patient", server.page_url("patient.html", server.token("Ping", "patient"), peer="DrZhao"))
+    wait_online(patient)
+    pw_expect(patient.locator("#thread .msg")).to_have_count(50)  # the newest page
+    assert thread_texts(patient)[0] == "message 11"
+    pw_expect(patient.locator("#older")).to_be_visible()
+    patient.locator("#older").click()
+    pw_expect(patient.locator("#thread .msg")).to_have_count(60)
+    assert thread_texts(patient) == [f"message {n}" for n in range(1, 61)]
+    pw_expect(patient.locator("#older")).to_be_hidden()
+    assert not pages.errors, pages.errors
+
+
+def test_landing_page_leads_to_the_demos_on_a_phone(server: BrowserServer, pages: Pages) -> None:
+    page = pages.open("index", server.origin + "/", device=PHONE)
+    pw_expect(page.locator("h1")).to_have_text("Family-doctor IM server")
+    for href in ("/sdk/pages/patient.html", "/sdk/pages/doctor.html", "/docs/sdk", "/api/v1/openapi.json"):
+        assert_usable(page, f'a[href="{href}"]')
+    assert_no_sideways_scroll(page)
+    save_screenshot(page, "layout-phone-index")
+    page.locator('a[href="/docs/sdk"]').tap()
+    pw_expect(page.locator("body")).to_contain_text("client.history(")
+    page.go_back()
+    page.locator('a[href="/sdk/pages/patient.html"]').tap()
+    pw_expect(page.locator("#login")).to_be_visible()
+    assert not pages.console_errors, pages.console_errors  # a CSP violation would show here
+    assert not pages.errors, pages.errors

@@ -1,8 +1,8 @@
 /*
  * Shared code of the demo pages (patient chat, doctor console): session from the URL fragment,
  * REST calls, and a message thread that renders user data as text only (never as HTML).
- * Everything live goes through the SDK (window.IMClient); REST covers history, conversation lists
- * and consultations, which the WebSocket protocol does not.
+ * Everything live goes through the SDK (window.IMClient), and so does history (client.history());
+ * plain REST covers conversation lists and consultations, which the SDK does not.
  */
 (function (global) {
   "use strict";
@@ -70,18 +70,19 @@
       .map(function (k) { return encodeURIComponent(k) + "=" + encodeURIComponent(params[k]); }).join("&");
   }
 
-  /** The last `limit` messages of the pm conversation with peer, oldest first. */
-  function loadPmHistory(session, peer, limit) {
-    return api(session, "/api/v1/conversations?" + query({ user_id: session.user })).then(function (body) {
-      var conv = (body.conversations || []).filter(function (c) {
-        return c.channel === "pm" && c.peer === peer;
-      })[0];
-      if (!conv) return { messages: [], conversation: null };
-      var last = conv.lastMessage ? conv.lastMessage.seq : 0;
-      var path = "/api/v1/chats/pm?" + query({ user_id: session.user, peer: peer, before: last + 1, limit: limit || 50 });
-      return api(session, path).then(function (page) {
-        return { messages: page.messages || [], conversation: conv };
-      });
+  // One page of the list is enough to find a conversation among a family doctor's active ones.
+  var CONVERSATIONS_PAGE = 200;
+
+  /** The user's conversation list (first page, newest activity first). */
+  function loadConversationList(session) {
+    return api(session, "/api/v1/conversations?" + query({ user_id: session.user, limit: CONVERSATIONS_PAGE }))
+      .then(function (body) { return (body && body.conversations) || []; });
+  }
+
+  /** The list entry of the pm conversation with peer (null if none on the first page). */
+  function findPmConversation(session, peer) {
+    return loadConversationList(session).then(function (list) {
+      return list.filter(function (c) { return c.channel === "pm" && c.peer === peer; })[0] || null;
     });
   }
 
@@ -207,8 +208,8 @@
     state.classList.toggle("read", !!read);
   };
 
-  /** Show a stored message once; returns false if it was already shown. */
-  Thread.prototype.add = function (message) {
+  /** Show a stored message once (quiet: keep the scroll position); false if already shown. */
+  Thread.prototype.add = function (message, quiet) {
     if (!message || this.byId.has(message.id)) return false;
     var mine = message.from === this.session.user;
     if (mine && message.clientMsgId && this.pending.has(message.clientMsgId)) {
@@ -226,7 +227,7 @@
     if (mine) this._setState(li, message.seq <= this.peerReadSeq ? "Read" : "Sent", message.seq <= this.peerReadSeq);
     this.maxSeq = Math.max(this.maxSeq, message.seq || 0);
     if (!mine) this.maxSeqFromOthers = Math.max(this.maxSeqFromOthers, message.seq || 0);
-    this.scrollToEnd();
+    if (!quiet) this.scrollToEnd();
     return true;
   };
 
@@ -257,9 +258,10 @@
     this._setState(li, "Not sent: " + (error && (error.message || error.code) || "error"));
   };
 
-  /** The peer has read up to seq: my messages up to it show "Read". */
+  /** The peer has read up to seq (a live receipt, or peerReadSeq from the list): mine up to it show "Read". */
   Thread.prototype.applyReceipt = function (seq) {
-    this.peerReadSeq = Math.max(this.peerReadSeq, seq);
+    if (typeof seq !== "number" || !(seq > this.peerReadSeq)) return;
+    this.peerReadSeq = seq;
     var self = this;
     this.byId.forEach(function (li) {
       if (li.classList.contains("mine") && Number(li.dataset.seq) <= self.peerReadSeq) self._setState(li, "Read", true);
@@ -273,6 +275,81 @@
   /** Texts of the shown messages (used by tests and handy in the console). */
   Thread.prototype.texts = function () {
     return Array.prototype.map.call(this.listEl.querySelectorAll(".msg .text"), function (n) { return n.textContent; });
+  };
+
+  // ---- history, a page at a time (the SDK's history()) ----------------------------------------------
+
+  /**
+   * Fills a Thread with the newest page of a conversation, and older pages on the "earlier
+   * messages" button. onPage(page, older) sees each page once it is shown.
+   */
+  function HistoryPager(client, thread, button, onPage) {
+    var self = this;
+    this.client = client;
+    this.thread = thread;
+    this.button = button;
+    this.onPage = onPage || function () {};
+    this.page = null;
+    this.generation = 0;  // bumped per conversation: a late page of the previous one is dropped
+    button.addEventListener("click", function () {
+      self.older().catch(function (error) { self.onPage(null, true, error); });
+    });
+  }
+
+  HistoryPager.PAGE_SIZE = 50;
+
+  /** Load the newest page of {channel, peer | group, user?}; resolves with it (null if stale). */
+  HistoryPager.prototype.start = function (spec) {
+    var self = this;
+    var generation = ++this.generation;
+    this.page = null;
+    this.button.hidden = true;
+    var request = { channel: spec.channel, peer: spec.peer, group: spec.group, user: spec.user,
+      limit: HistoryPager.PAGE_SIZE };
+    return this.client.history(request).then(function (page) {
+      if (generation !== self.generation) return null;
+      self._show(page, false);
+      return page;
+    }, function (error) {
+      if (generation === self.generation) throw error;
+      return null;
+    });
+  };
+
+  HistoryPager.prototype.stop = function () {
+    this.generation += 1;
+    this.page = null;
+    this.button.hidden = true;
+  };
+
+  /** The page before the oldest shown; resolves with it (null at the start or if stale). */
+  HistoryPager.prototype.older = function () {
+    var self = this;
+    var page = this.page;
+    if (!page || !page.next) return Promise.resolve(null);
+    var generation = this.generation;
+    this.button.disabled = true;
+    return page.more().then(function (older) {
+      self.button.disabled = false;
+      if (generation !== self.generation || !older) return null;
+      self._show(older, true);
+      return older;
+    }, function (error) {
+      self.button.disabled = false;
+      throw error;
+    });
+  };
+
+  HistoryPager.prototype._show = function (page, older) {
+    var list = this.thread.listEl;
+    var fromBottom = list.scrollHeight - list.scrollTop;
+    var thread = this.thread;
+    page.messages.forEach(function (m) { thread.add(m, older); });
+    // Older messages go above: keep what the reader was looking at where it was.
+    if (older) list.scrollTop = list.scrollHeight - fromBottom;
+    this.page = page;
+    this.button.hidden = !page.next;
+    this.onPage(page, older, null);
   };
 
   // ---- connection status pill -----------------------------------------------------------------------
@@ -329,8 +406,18 @@
     });
   }
 
-  /** Enter sends, Shift+Enter is a new line. */
+  /** Whether the primary pointer is a finger (a phone or tablet). */
+  function isTouch() {
+    return !!(global.matchMedia && global.matchMedia("(pointer: coarse)").matches);
+  }
+
+  /**
+   * With a keyboard, Enter sends and Shift+Enter is a new line. On touch screens Enter is a new
+   * line, as in every phone messenger, and the Send button sends.
+   */
   function bindComposer(form, textarea, onSend) {
+    var touch = isTouch();
+    if (!touch) textarea.placeholder += " (Enter to send, Shift+Enter for a new line)";
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       var text = textarea.value.replace(/\s+$/, "");
@@ -340,7 +427,7 @@
       textarea.focus();
     });
     textarea.addEventListener("keydown", function (event) {
-      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      if (!touch && event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         form.requestSubmit();
       }
@@ -372,7 +459,10 @@
     writeFragment: writeFragment,
     api: api,
     query: query,
-    loadPmHistory: loadPmHistory,
+    loadConversationList: loadConversationList,
+    findPmConversation: findPmConversation,
+    HistoryPager: HistoryPager,
+    isTouch: isTouch,
     el: el,
     formatTime: formatTime,
     initials: initials,

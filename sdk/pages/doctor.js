@@ -19,11 +19,14 @@
   var client = new window.IMClient({ url: session.server, token: session.token });
   var thread = new D.Thread($("thread"), session);
   var active = null;                      // the patient whose thread is open
-  var conversations = new Map();          // peer -> {peer, lastMessage, unread, li}
+  var conversations = new Map();          // peer -> {peer, lastMessage, unread, peerReadSeq, li}
   var consultations = { byPatient: new Map(), byId: new Map(), supported: true };
   var reads = D.readMarker(client, { channel: "pm", peer: function () { return active; } }, thread);
-  var historyToken = 0;                    // drops history that arrives after switching threads
-  window.imDemo = { client: client, thread: thread, session: session, conversations: conversations };
+  var pager = new D.HistoryPager(client, thread, $("older"), function (page, older, error) {
+    if (error) D.showBanner($("banner"), "Could not load earlier messages: " + error.message, true);
+    else reads.schedule();
+  });
+  window.imDemo = { client: client, thread: thread, session: session, conversations: conversations, pager: pager };
 
   D.bindStatus(client, $("status"), function () {
     D.showBanner($("banner"), "Your session has expired or the token is invalid. Please sign in again.", true);
@@ -34,7 +37,7 @@
   function upsertConversation(peer, lastMessage, unread) {
     var conv = conversations.get(peer);
     if (!conv) {
-      conv = { peer: peer, lastMessage: null, unread: 0, li: buildConversationItem(peer) };
+      conv = { peer: peer, lastMessage: null, unread: 0, peerReadSeq: 0, li: buildConversationItem(peer) };
       conversations.set(peer, conv);
     }
     if (lastMessage && (!conv.lastMessage || lastMessage.seq >= conv.lastMessage.seq)) conv.lastMessage = lastMessage;
@@ -78,12 +81,21 @@
   }
 
   function loadConversations() {
-    return D.api(session, "/api/v1/conversations?" + D.query({ user_id: me })).then(function (body) {
-      (body.conversations || []).forEach(function (c) {
+    return D.loadConversationList(session).then(function (list) {
+      list.forEach(function (c) {
         if (c.channel !== "pm") return;
         upsertConversation(c.peer, c.lastMessage, c.peer === active ? 0 : c.unread);
+        notePeerRead(c.peer, c.peerReadSeq);
       });
     });
+  }
+
+  /** How far a patient has read (peerReadSeq from the list, or a live receipt). */
+  function notePeerRead(peer, seq) {
+    var conv = conversations.get(peer);
+    if (typeof seq !== "number") return;
+    if (conv && seq > conv.peerReadSeq) conv.peerReadSeq = seq;
+    if (peer === active) thread.applyReceipt(seq);
   }
 
   // ---- the open thread --------------------------------------------------------------------------
@@ -99,19 +111,33 @@
     $("input").disabled = $("send").disabled = false;
     D.writeFragment(session, { peer: peer });
     thread.clear();
+    thread.applyReceipt(conv.peerReadSeq);
     reads.reset();
     D.showBanner($("banner"), "");
     renderConsultation();
-    var mine = ++historyToken;
-    D.loadPmHistory(session, peer, 50).then(function (history) {
-      if (mine !== historyToken) return;
-      history.messages.forEach(function (m) { thread.add(m); });
-      reads.schedule();
-    }, function (error) {
-      if (mine === historyToken) D.showBanner($("banner"), "Could not load the history: " + error.message, true);
+    pager.start({ channel: "pm", peer: peer, user: me }).catch(function (error) {
+      D.showBanner($("banner"), "Could not load the history: " + error.message, true);
     });
-    $("input").focus();
+    if (!D.isTouch()) $("input").focus();
   }
+
+  /** Back to the list (phones show one or the other): no thread is open, so nothing is read. */
+  function closeConversation() {
+    active = null;
+    pager.stop();
+    thread.clear();
+    reads.reset();
+    $("app").classList.remove("thread-open");
+    $("peer-name").textContent = "Select a patient";
+    $("peer-avatar").textContent = "";
+    $("input").disabled = $("send").disabled = true;
+    conversations.forEach(function (c) { c.li.classList.remove("active"); });
+    D.writeFragment(session, { peer: "" });
+    D.showBanner($("banner"), "");
+    renderConsultation();
+  }
+
+  $("back").addEventListener("click", closeConversation);
 
   // ---- consultations (REST; SPEC §6) ------------------------------------------------------------
 
@@ -184,13 +210,15 @@
       }
       var visible = peer === active && document.visibilityState !== "hidden";
       var conv = conversations.get(peer);
-      var unread = (conv ? conv.unread : 0) + (m.from !== me && !visible && !m.event ? 1 : 0);
+      // The backlog on connect repeats messages the list's `unread` already counts.
+      var counted = !!(conv && conv.lastMessage && m.seq <= conv.lastMessage.seq);
+      var unread = (conv ? conv.unread : 0) + (m.from !== me && !visible && !m.event && !counted ? 1 : 0);
       upsertConversation(peer, m, unread);
       if (peer === active && thread.add(m)) reads.schedule();
     });
   });
   client.on("receipt", function (r) {
-    if (r.channel === "pm" && r.user === active) thread.applyReceipt(r.seq);
+    if (r.channel === "pm") notePeerRead(r.user, r.seq);
   });
   client.on("connected", function (info) {
     D.showBanner($("banner"), "");

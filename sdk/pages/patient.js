@@ -14,7 +14,16 @@
   var client = new window.IMClient({ url: session.server, token: session.token });
   var thread = new D.Thread($("thread"), session);
   var reads = D.readMarker(client, { channel: "pm", peer: function () { return session.peer; } }, thread);
-  window.imDemo = { client: client, thread: thread, session: session };
+  var pager = new D.HistoryPager(client, thread, $("older"), function (page, older, error) {
+    if (error) {
+      D.showBanner($("banner"), "Could not load earlier messages: " + error.message, true);
+      return;
+    }
+    // The newest page tells the consultation's state; older pages must not overwrite it.
+    if (!older) page.messages.forEach(function (m) { if (m.event) showConsultation(m); });
+    reads.schedule();
+  });
+  window.imDemo = { client: client, thread: thread, session: session, pager: pager };
 
   D.bindStatus(client, $("status"), function () {
     D.showBanner($("banner"), "Your session has expired or the token is invalid. Please sign in again.", true);
@@ -62,25 +71,24 @@
     $("peer-name").textContent = session.peer;
     $("peer-avatar").textContent = D.initials(session.peer);
     document.title = "Chat with " + session.peer;
-    D.loadPmHistory(session, session.peer, 50).then(function (history) {
-      history.messages.forEach(function (m) {
-        thread.add(m);
-        if (m.event) showConsultation(m);
-      });
-      reads.schedule();
-    }, function (error) {
+    pager.start({ channel: "pm", peer: session.peer, user: session.user }).catch(function (error) {
       if (error.code !== "unauthenticated") D.showBanner($("banner"), "Could not load the history: " + error.message, true);
     });
+    // How far the doctor has read, so "Read" survives a reload (live receipts move it on).
+    D.findPmConversation(session, session.peer).then(function (conv) {
+      if (conv) thread.applyReceipt(conv.peerReadSeq);
+    }, function () { /* the thread still works; states stay "Sent" until a receipt */ });
     client.connect().catch(function () { /* shown by the status pill and the banner */ });
-    $("input").focus();
+    // On a phone, focusing would pop the keyboard up over the thread before the patient asks.
+    if (!D.isTouch()) $("input").focus();
   }
 
   if (session.peer) {
     start();
   } else {
     // No doctor named: continue the most recent conversation, if there is one.
-    D.api(session, "/api/v1/conversations?" + D.query({ user_id: session.user })).then(function (body) {
-      var last = (body.conversations || []).filter(function (c) { return c.channel === "pm"; })[0];
+    D.loadConversationList(session).then(function (list) {
+      var last = list.filter(function (c) { return c.channel === "pm"; })[0];
       if (!last) throw new Error("no conversation yet");
       session.peer = last.peer;
       D.writeFragment(session);
