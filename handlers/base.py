@@ -12,9 +12,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
-from models.validation import check_id, parse_json_object
-from server.auth import Principal
-from server.errors import (
+from models.errors import (
     DatabaseUnavailable,
     IMError,
     InvalidField,
@@ -23,6 +21,8 @@ from server.errors import (
     Unauthenticated,
     error_envelope,
 )
+from models.principal import Principal
+from models.validation import check_id, parse_json_object
 from server.services import Services
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from handlers.base import BaseHandler
+from models.errors import InvalidField
 from models.messages import parse_limit
 from models.validation import check_id, require_id
-from server.errors import InvalidField
 
 
 class ConversationsHandler(BaseHandler):

@@ -7,9 +7,9 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from handlers.base import BaseHandler
+from models.errors import TooLarge
 from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, RangeNotSatisfiable, parse_byte_range, parse_upload
 from models.validation import check_id
-from server.errors import TooLarge
 
 DOWNLOAD_CACHE_CONTROL = "private, max-age=86400"
 

@@ -10,7 +10,7 @@ from typing import Any
 import tornado.web
 
 from handlers.base import code_for_status, log_handler_exception, reason_phrase
-from server.errors import error_envelope
+from models.errors import error_envelope
 
 # NUL and other control characters never name a file here; os.stat would raise on NUL (a 500).
 UNSERVABLE_PATH = re.compile(r"[\x00-\x1f\x7f]")

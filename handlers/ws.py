@@ -22,9 +22,9 @@ from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, Strea
 
 from handlers.base import as_im_error, log_handler_exception
 from models.conversations import ConversationRef
+from models.errors import IMError, InvalidField, RateLimited
+from models.principal import Principal
 from models.validation import parse_client_msg_id, parse_json_object
-from server.auth import Principal
-from server.errors import IMError, InvalidField, RateLimited
 from server.hub import encode_frame
 from server.ordering import InOrderDelivery
 from server.services import Services

@@ -16,12 +16,12 @@ from pymongo.errors import DuplicateKeyError
 from models import validation as v
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef
+from models.database import Database
 from models.directory import UserDirectory
+from models.errors import Conflict, Forbidden, InvalidField, NotFound
 from models.messages import Draft, MessageService
+from models.principal import Principal
 from models.throttling import ActionLimiter
-from server.auth import Principal
-from server.db import Database
-from server.errors import Conflict, Forbidden, InvalidField, NotFound
 
 EVENT_STARTED = "consultation.started"
 EVENT_ENDED = "consultation.ended"

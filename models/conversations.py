@@ -36,7 +36,7 @@ from pymongo.errors import DuplicateKeyError
 
 from models.batching import BatchedUpdates
 from models.clock import iso, utcnow
-from server.db import Database
+from models.database import Database
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from models.clock import iso, utcnow
-from server.auth import Principal
-from server.db import Database
-from server.errors import InvalidField
+from models.database import Database
+from models.errors import InvalidField
+from models.principal import Principal
 
 log = logging.getLogger(__name__)
 

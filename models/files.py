@@ -26,11 +26,11 @@ from gridfs.errors import NoFile
 from pymongo import WriteConcern
 from tornado.httputil import HTTPFile, HTTPInputError, parse_multipart_form_data
 
+from models.database import Database
+from models.errors import IMError, InvalidField, NotFound, TooLarge
 from models.groups import has_member
+from models.principal import Principal
 from models.validation import FILE_ID_RE
-from server.auth import Principal
-from server.db import Database
-from server.errors import IMError, InvalidField, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from models.clock import iso, utcnow
-from server.auth import Principal
-from server.db import Database
-from server.errors import Conflict, Forbidden, NotFound
+from models.database import Database
+from models.errors import Conflict, Forbidden, NotFound
+from models.principal import Principal
 
 
 def has_member(user: str) -> dict[str, Any]:

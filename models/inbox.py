@@ -12,9 +12,9 @@ from typing import Any
 
 from models import validation as v
 from models.conversations import SEP, ConversationRef, ConversationStore, count_unread
+from models.errors import InvalidField, NotFound
 from models.groups import GroupStore, NotAMember
 from models.messages import message_to_wire
-from server.errors import InvalidField, NotFound
 
 log = logging.getLogger(__name__)
 

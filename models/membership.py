@@ -18,12 +18,12 @@ from pymongo.errors import BulkWriteError
 from models import validation as v
 from models.clock import utcnow
 from models.conversations import ConversationRef, ConversationStore
+from models.database import Database
+from models.errors import Forbidden, InvalidField
 from models.groups import GroupBusy, GroupFull, GroupStore, NotAMember
 from models.messages import Draft, MessageService
+from models.principal import Principal
 from models.throttling import ActionLimiter
-from server.auth import Principal
-from server.db import Database
-from server.errors import Forbidden, InvalidField
 
 EVENT_MEMBERS_ADDED = "group.members_added"
 EVENT_MEMBER_REMOVED = "group.member_removed"

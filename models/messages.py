@@ -28,12 +28,12 @@ from models import validation as v
 from models.batching import ENCODING_ERRORS, BatchedInserts
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef, ConversationStore
+from models.database import Database
+from models.errors import ClientMsgIdReused, DatabaseUnavailable, Forbidden, InvalidBody, InvalidField
 from models.groups import GroupStore, NotAMember
-from server.auth import Principal
-from server.db import Database
-from server.errors import ClientMsgIdReused, DatabaseUnavailable, Forbidden, InvalidBody, InvalidField
-from server.inflight import InFlight
-from server.recent import RecentIds
+from models.inflight import InFlight
+from models.principal import Principal
+from models.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class FileChecker(Protocol):
 
 class MessageService:
     def __init__(self, db: Database, write_concern: WriteConcern, conversations: ConversationStore,
-                 groups: GroupStore, publisher: Publisher, max_content_chars: int):
+                 groups: GroupStore, publisher: Publisher, files: FileChecker, max_content_chars: int):
         self._db = db
         self._collections = {ch: db.get_collection(ch, write_concern=write_concern) for ch in ("sm", "pm", "gm")}
         self._inserts = {ch: BatchedInserts(collection) for ch, collection in self._collections.items()}
@@ -98,7 +98,7 @@ class MessageService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
         self._last_seq: OrderedDict[str, int] = OrderedDict()
-        self.files: FileChecker | None = None
+        self._files = files
         self.inflight = InFlight()
         self._database_down_until = 0.0
         # Messages this process stored (and so published itself): the change-stream fan-out skips them.
@@ -110,8 +110,8 @@ class MessageService:
         content_type, content = v.parse_content(data, self._max_content_chars)
         fields["contentType"] = content_type
         fields["content"] = content
-        if content_type in v.MEDIA_CONTENT_TYPES and v.FILE_ID_RE.match(content) and self.files:
-            await self.files.check_attachable(content, sender)
+        if content_type in v.MEDIA_CONTENT_TYPES and v.FILE_ID_RE.match(content):
+            await self._files.check_attachable(content, sender)
         client_msg_id = v.parse_client_msg_id(data)
         if client_msg_id is not None:
             fields["clientMsgId"] = client_msg_id

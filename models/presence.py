@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pymongo
 from bson import ObjectId
@@ -21,11 +22,10 @@ from pymongo.errors import PyMongoError
 
 from models.clock import iso, utcnow
 from models.conversations import pm_conv
+from models.database import Database
+from models.errors import Forbidden
 from models.groups import has_member
-from server.auth import Principal
-from server.db import Database
-from server.errors import Forbidden
-from server.hub import Hub
+from models.principal import Principal
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,21 @@ INSTANCE_STALE_AFTER_SECS = 3 * HEARTBEAT_INTERVAL_SECS
 WITHDRAW_TIMEOUT_SECS = 2.0
 
 
+class LocalSockets(Protocol):
+    """This process's sockets (server/hub.py): who is online here, and news of first/last sockets."""
+
+    def is_online(self, user_id: str) -> bool: ...
+
+    def subscribe(self, on_first_socket: Callable[[str], None], on_last_socket: Callable[[str], None]) -> None: ...
+
+
 class Presence:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, sockets: LocalSockets):
         self._presence = db.presence
         self._instances = db.instances
         self._db = db
         self.instance_id = str(ObjectId())
-        self.hub: Hub | None = None
+        self._sockets = sockets
         self._changes: dict[str, bool] = {}  # user -> online here, waiting to be written
         # user -> when its last socket here closed, until that lastSeen is stored (or it is back).
         self._offline_since: dict[str, datetime.datetime] = {}
@@ -48,6 +56,7 @@ class Presence:
         self._idle.set()
         self._worker: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        sockets.subscribe(self.user_came_online, self.user_went_offline)
 
     # ---- this process's sockets ----------------------------------------------------------------
 
@@ -157,7 +166,7 @@ class Presence:
         return found is not None
 
     async def get(self, user_id: str) -> dict[str, Any]:
-        online = bool(self.hub and self.hub.is_online(user_id))
+        online = self._sockets.is_online(user_id)
         doc = await self._presence.find_one({"_id": user_id})
         if not online and doc:
             elsewhere = [i for i in doc.get("onlineOn", []) if i != self.instance_id]

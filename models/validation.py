@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.errors import InvalidBody, InvalidField
+from models.errors import InvalidBody, InvalidField
 
 MAX_ID_CHARS = 128
 CONTENT_TYPE_HYPERLINK = 4

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import OrderedDict
 
 import jwt
 
+from models.errors import Unauthenticated
+from models.principal import ROLES, Principal
 from models.validation import is_valid_id
-from server.errors import Forbidden, Unauthenticated
 
-ROLES = ("doctor", "patient", "service", "admin")
-STAFF_ROLES = frozenset({"service", "admin"})
 ALGORITHM = "HS256"
 DEFAULT_TTL_SECS = 24 * 3600
 DEFAULT_MAX_TTL_SECS = 7 * 24 * 3600  # SPEC §3: max_token_ttl_secs
@@ -23,28 +21,6 @@ class TokenLifetimeTooLong(Unauthenticated):
     """A token minted to live longer than max_token_ttl_secs (a leaked one would stay usable)."""
 
     code = "token_lifetime_too_long"
-
-
-@dataclasses.dataclass(frozen=True)
-class Principal:
-    """Who is calling: the token's subject and role."""
-
-    user_id: str
-    role: str
-
-    @property
-    def is_staff(self) -> bool:
-        """service (the platform back end acting for users) and admin (operations)."""
-        return self.role in STAFF_ROLES
-
-    def require_staff(self, action: str) -> None:
-        if not self.is_staff:
-            raise Forbidden(f"only service or admin tokens may {action}")
-
-    def require_self_or_staff(self, user_id: str, field: str) -> None:
-        """A doctor or patient acts only as itself; staff may act for anyone."""
-        if not self.is_staff and user_id != self.user_id:
-            raise Forbidden(f"{field} must be the token's own user")
 
 
 def _decode(token: str | None, secret: str, max_ttl_secs: float) -> tuple[Principal, float]:

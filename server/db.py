@@ -9,9 +9,9 @@ from typing import Any
 
 import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern
-from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from models.database import Database
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ SERVER_SELECTION_TIMEOUT_MS = 2000
 OPERATION_TIMEOUT_MS = 5000
 HEALTH_CHECK_TIMEOUT_SECS = 1.0
 
-Database = AsyncDatabase[dict[str, Any]]
+
 
 
 def create_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:

@@ -25,12 +25,13 @@ from typing import Any
 from pymongo.errors import OperationFailure, PyMongoError
 
 from models.conversations import ConversationRef
+from models.database import Database
 from models.groups import GroupStore
 from models.membership import EVENT_MEMBER_REMOVED
 from models.messages import message_to_wire
-from server.db import MESSAGE_COLLECTIONS, Database
+from models.recent import RecentIds
+from server.db import MESSAGE_COLLECTIONS
 from server.hub import Hub
-from server.recent import RecentIds
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
+from models.errors import error_envelope
 from server.config import Settings
-from server.errors import error_envelope
 
 log = logging.getLogger(__name__)
 

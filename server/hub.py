@@ -65,20 +65,25 @@ class Socket(Protocol):
 
 
 class Hub:
-    def __init__(self, on_first_socket: Callable[[str], None] | None = None,
-                 on_last_socket: Callable[[str], None] | None = None):
+    def __init__(self) -> None:
         self._sockets: dict[str, set[Socket]] = {}
         self._socket_count = 0  # kept, not summed: the handshake checks it on every connection
-        self._on_first_socket = on_first_socket
-        self._on_last_socket = on_last_socket
+        self._on_first_socket: list[Callable[[str], None]] = []
+        self._on_last_socket: list[Callable[[str], None]] = []
+
+    def subscribe(self, on_first_socket: Callable[[str], None], on_last_socket: Callable[[str], None]) -> None:
+        """Be told when a user's first socket here opens and when its last one closes (presence)."""
+        self._on_first_socket.append(on_first_socket)
+        self._on_last_socket.append(on_last_socket)
 
     def register(self, socket: Socket) -> None:
         sockets = self._sockets.setdefault(socket.user_id, set())
         if socket not in sockets:
             self._socket_count += 1
         sockets.add(socket)
-        if len(sockets) == 1 and self._on_first_socket:
-            self._on_first_socket(socket.user_id)
+        if len(sockets) == 1:
+            for listener in self._on_first_socket:
+                listener(socket.user_id)
 
     def unregister(self, socket: Socket) -> None:
         sockets = self._sockets.get(socket.user_id)
@@ -88,8 +93,8 @@ class Hub:
         self._socket_count -= 1
         if not sockets:
             del self._sockets[socket.user_id]
-            if self._on_last_socket:
-                self._on_last_socket(socket.user_id)
+            for listener in self._on_last_socket:
+                listener(socket.user_id)
 
     def sockets_of(self, user_id: str) -> list[Socket]:
         return list(self._sockets.get(user_id, ()))

@@ -17,7 +17,7 @@ from server import __version__
 from server.app import make_app
 from server.config import ConfigError, Settings, load_settings
 from server.db import create_client, ensure_indexes, wait_for_database
-from server.fanout import ChangeStreamFanout, change_streams_supported
+from server.fanout import change_streams_supported
 from server.http_guard import make_http_server
 from server.services import Services, build_services
 
@@ -76,12 +76,11 @@ async def serve(settings: Settings) -> int:
             log.error("cannot use the database (db %s) after %.0fs: %s",
                       settings.db_name, settings.db_startup_timeout_secs, exc)
             return 1
-        services = build_services(settings, client)
+        follow = settings.change_streams == "auto" and await change_streams_supported(client[settings.db_name])
+        services = build_services(settings, client, follow_other_processes=follow)
         await services.conversations.upgrade_summaries()  # once: summaries older than issue 13
         services.presence.start_heartbeat()
-        if settings.change_streams == "auto" and await change_streams_supported(services.db):
-            services.fanout = ChangeStreamFanout(services.db, services.hub, services.groups,
-                                                 services.messages.stored_ids)
+        if services.fanout is not None:
             services.fanout.start()
             stack.push_async_callback(services.fanout.stop)
         server = make_http_server(make_app(services), settings)

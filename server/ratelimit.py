@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from server.errors import RateLimited
+from models.errors import RateLimited
 
 IDLE_BUCKETS_SWEEP = 10_000
 

@@ -11,6 +11,7 @@ from pymongo import AsyncMongoClient, WriteConcern
 
 from models.consultations import ConsultationService
 from models.conversations import ConversationStore
+from models.database import Database
 from models.directory import UserDirectory
 from models.files import FileStore
 from models.groups import GroupStore
@@ -20,7 +21,7 @@ from models.messages import MessageService
 from models.presence import Presence
 from server.auth import TokenVerifier
 from server.config import Settings
-from server.db import Database, message_write_concern
+from server.db import message_write_concern
 from server.fanout import ChangeStreamFanout
 from server.hub import Hub
 from server.ratelimit import SendRateLimiter
@@ -49,7 +50,8 @@ class Services:
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
-    fanout: ChangeStreamFanout | None = None  # set at start-up when change streams are available
+    # Follows the other processes' messages; None when change streams are off or unavailable.
+    fanout: ChangeStreamFanout | None = None
 
 
 def markers_write_concern(settings: Settings) -> WriteConcern:
@@ -60,19 +62,21 @@ def markers_write_concern(settings: Settings) -> WriteConcern:
     return WriteConcern(w=settings.write_concern_w if settings.write_concern_w is not None else 1)
 
 
-def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]]) -> Services:
+def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]], *,
+                   follow_other_processes: bool = False) -> Services:
+    """Build every shared service; with follow_other_processes, the change-stream fan-out too."""
     db = client[settings.db_name]
-    presence = Presence(db)
-    hub = Hub(on_first_socket=presence.user_came_online, on_last_socket=presence.user_went_offline)
-    presence.hub = hub
+    hub = Hub()
+    presence = Presence(db, hub)
     groups = GroupStore(db)
     conversations = ConversationStore(db, message_write_concern(settings))
-    messages = MessageService(db, message_write_concern(settings), conversations, groups, hub,
+    files = FileStore(db, message_write_concern(settings))
+    messages = MessageService(db, message_write_concern(settings), conversations, groups, hub, files,
                               settings.limits.max_content_chars)
-    messages.files = files = FileStore(db, message_write_concern(settings))
     # One send budget per caller for messages and for every action that writes one (events).
     send_limiter = SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst)
     directory = UserDirectory(db)
+    fanout = ChangeStreamFanout(db, hub, groups, messages.stored_ids) if follow_other_processes else None
     return Services(
         settings=settings,
         client=client,
@@ -92,4 +96,5 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]])
         started_at=time.monotonic(),
         tokens=TokenVerifier(settings.auth_secret, max_ttl_secs=settings.max_token_ttl_secs),
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
+        fanout=fanout,
     )

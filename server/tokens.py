@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.auth import DEFAULT_TTL_SECS, ROLES, mint_token
+from models.principal import ROLES
+from server.auth import DEFAULT_TTL_SECS, mint_token
 from server.config import ConfigError, load_settings
 
 

@@ -25,3 +25,9 @@ def test_ruff_is_clean():
 def test_mypy_strict_is_clean():
     result = run_tool("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_contracts_hold():
+    """models/ imports nothing from server/ or handlers/; server/ reaches handlers/ only in app.py."""
+    result = run_tool("lint-imports", "--no-cache")
+    assert result.returncode == 0, result.stdout + result.stderr

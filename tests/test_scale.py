@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.conversations import ConversationRef
-from server.auth import Principal
+from models.principal import Principal
 from tests.helpers import assert_error
 from tests.test_messaging import DOCTOR, PATIENT, SERVICE, make_group
 

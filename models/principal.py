@@ -1,0 +1,32 @@
+"""The caller's identity as the domain sees it: a user id and a role from a verified token."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models.errors import Forbidden
+
+ROLES = ("doctor", "patient", "service", "admin")
+STAFF_ROLES = frozenset({"service", "admin"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's subject and role."""
+
+    user_id: str
+    role: str
+
+    @property
+    def is_staff(self) -> bool:
+        """service (the platform back end acting for users) and admin (operations)."""
+        return self.role in STAFF_ROLES
+
+    def require_staff(self, action: str) -> None:
+        if not self.is_staff:
+            raise Forbidden(f"only service or admin tokens may {action}")
+
+    def require_self_or_staff(self, user_id: str, field: str) -> None:
+        """A doctor or patient acts only as itself; staff may act for anyone."""
+        if not self.is_staff and user_id != self.user_id:
+            raise Forbidden(f"{field} must be the token's own user")
