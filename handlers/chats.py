@@ -9,12 +9,7 @@ class ChatsHandler(BaseHandler):
     async def post(self, channel: str) -> None:
         """Send a message: 201 with the message, or 200 with the original for a repeated clientMsgId."""
         principal = self.authenticate()
-        body = self.json_body()
-        messages = self.services.messages
-        drafts = {"pm": messages.draft_pm, "gm": messages.draft_gm, "sm": messages.draft_sm}
-        draft = await drafts[channel](principal, body)
-        self.services.send_limiter.check(principal.user_id)
-        message, created = await messages.send(draft)
+        message, created = await self.services.chat.send(principal, channel, self.json_body())
         self.write_json(message, 201 if created else 200)
 
     async def get(self, channel: str) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from handlers.base import BaseHandler
-from models.errors import InvalidField
 from models.messages import parse_limit
-from models.validation import check_id, require_id
+from models.principal import require_own_user
+from models.validation import require_id
 
 
 class ConversationsHandler(BaseHandler):
@@ -13,10 +13,7 @@ class ConversationsHandler(BaseHandler):
         """A page of the user's conversations, newest activity first, with unread counts."""
         principal = self.authenticate()
         query = self.query()
-        if "user_id" not in query:
-            raise InvalidField("user_id", "is required")
-        user = check_id(query["user_id"], "user_id")
-        principal.require_self_or_staff(user, "user_id")
+        user = require_own_user(principal, query)
         limit = parse_limit(query.get("limit"))
         self.write_json(await self.services.inbox.list_conversations(user, limit, query.get("cursor")))
 
@@ -26,8 +23,5 @@ class ReadMarkerHandler(BaseHandler):
         """Move the user's read marker; the other party gets a receipt on its sockets."""
         principal = self.authenticate()
         body = self.json_body()
-        user = require_id(body, "user_id")
-        principal.require_self_or_staff(user, "user_id")
-        ref, others, cursor = await self.services.inbox.mark(user, body, read=True)
-        self.services.hub.send_receipt(ref, user, cursor["read"], others)
+        ref, cursor = await self.services.chat.mark(principal, require_id(body, "user_id"), body, read=True)
         self.write_json({"channel": ref.channel, "receivedSeq": cursor["received"], "readSeq": cursor["read"]})

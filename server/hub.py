@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from models.conversations import ConversationRef
+from models.errors import TooManyConnections
 from models.validation import has_surrogates
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ WS_LEN_64 = 127
 class EncodedFrame(str):
     """A text frame that also carries its WebSocket wire form (header + UTF-8 payload), built once
     per message for every socket of a fan-out: a server's frames are unmasked, so the bytes are
-    the same for each uncompressed connection (handlers/ws.py writes them as they are)."""
+    the same for each uncompressed connection (server/transport.py writes them as they are)."""
 
     wire: bytes
 
@@ -51,6 +52,8 @@ class EncodedFrame(str):
 
 
 class Socket(Protocol):
+    """One live connection as the hub sees it: a session of server/session.py."""
+
     @property
     def user_id(self) -> str: ...
 
@@ -62,6 +65,9 @@ class Socket(Protocol):
 
     def push_frame(self, frame: str) -> None:
         """Queue any other frame (receipts)."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Close the connection (1001 at shutdown)."""
 
 
 class Hub:
@@ -96,6 +102,13 @@ class Hub:
             for listener in self._on_last_socket:
                 listener(socket.user_id)
 
+    def check_room(self, user_id: str, max_per_user: int, max_total: int) -> None:
+        """Raise TooManyConnections when one more socket of user_id would pass either cap."""
+        if self.count_sockets(user_id) >= max_per_user:
+            raise TooManyConnections(f"too many connections for this user (max {max_per_user})")
+        if self._socket_count >= max_total:
+            raise TooManyConnections("server connection limit reached")
+
     def sockets_of(self, user_id: str) -> list[Socket]:
         return list(self._sockets.get(user_id, ()))
 
@@ -116,8 +129,9 @@ class Hub:
     def all_sockets(self) -> list[Socket]:
         return [s for sockets in self._sockets.values() for s in sockets]
 
-    def publish_message(self, ref: ConversationRef, message: dict[str, Any],
-                        recipients: list[str], origin: object | None) -> None:
+    def publish_message(
+        self, ref: ConversationRef, message: dict[str, Any], recipients: list[str], origin: object | None
+    ) -> None:
         """Send a stored message to every online socket of its recipients, encoded once (JSON and
         WebSocket framing both: 5,000 members cost 5,000 socket writes and nothing more each)."""
         frame: EncodedFrame | None = None
@@ -146,8 +160,7 @@ class Hub:
             receipt["group"] = ref.conv
         self.send_frame(recipients, receipt)
 
-    def send_frame(self, user_ids: Iterable[str], frame: dict[str, Any],
-                   exclude: object | None = None) -> None:
+    def send_frame(self, user_ids: Iterable[str], frame: dict[str, Any], exclude: object | None = None) -> None:
         text = encode_frame(frame)
         for user_id in user_ids:
             for socket in self.sockets_of(user_id):

@@ -73,8 +73,12 @@ async def serve(settings: Settings) -> int:
             await wait_for_database(client, settings.db_startup_timeout_secs)
             await ensure_indexes(client[settings.db_name])
         except PyMongoError as exc:
-            log.error("cannot use the database (db %s) after %.0fs: %s",
-                      settings.db_name, settings.db_startup_timeout_secs, exc)
+            log.error(
+                "cannot use the database (db %s) after %.0fs: %s",
+                settings.db_name,
+                settings.db_startup_timeout_secs,
+                exc,
+            )
             return 1
         follow = settings.change_streams == "auto" and await change_streams_supported(client[settings.db_name])
         services = build_services(settings, client, follow_other_processes=follow)
@@ -109,7 +113,7 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
     except TimeoutError:
         log.warning("shutdown: %d sends still in flight", services.messages.inflight.count)
     for socket in services.hub.all_sockets():
-        socket.close(WS_GOING_AWAY, "server shutting down")  # type: ignore[attr-defined]
+        socket.close(WS_GOING_AWAY, "server shutting down")
     await services.presence.withdraw()  # lastSeen of every user whose socket just closed
     try:
         await asyncio.wait_for(server.close_all_connections(), 2.0)

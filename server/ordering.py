@@ -22,8 +22,9 @@ FetchMissing = Callable[[str, int, int], Awaitable[list[tuple[int, str]]]]
 
 
 class InOrderDelivery:
-    def __init__(self, send: Callable[[str], None], fetch_missing: FetchMissing,
-                 gap_repair_secs: float = GAP_REPAIR_SECS):
+    def __init__(
+        self, send: Callable[[str], None], fetch_missing: FetchMissing, gap_repair_secs: float = GAP_REPAIR_SECS
+    ):
         self._send = send
         self._fetch_missing = fetch_missing
         self._gap_repair_secs = gap_repair_secs
@@ -106,4 +107,5 @@ class InOrderDelivery:
             self._release(key, first_held, pending.pop(first_held))
             if self._pending.get(key) and key not in self._repairs:
                 self._repairs[key] = asyncio.get_running_loop().call_later(
-                    self._gap_repair_secs, self._start_repair, key)
+                    self._gap_repair_secs, self._start_repair, key
+                )

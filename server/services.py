@@ -20,6 +20,7 @@ from models.membership import GroupService
 from models.messages import MessageService
 from models.presence import Presence
 from server.auth import TokenVerifier
+from server.chat import ChatService
 from server.config import Settings
 from server.db import message_write_concern
 from server.fanout import ChangeStreamFanout
@@ -47,6 +48,8 @@ class Services:
     directory: UserDirectory
     started_at: float
     tokens: TokenVerifier
+    # The send and marker paths REST and WebSocket share.
+    chat: ChatService
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
@@ -62,8 +65,9 @@ def markers_write_concern(settings: Settings) -> WriteConcern:
     return WriteConcern(w=settings.write_concern_w if settings.write_concern_w is not None else 1)
 
 
-def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]], *,
-                   follow_other_processes: bool = False) -> Services:
+def build_services(
+    settings: Settings, client: AsyncMongoClient[dict[str, Any]], *, follow_other_processes: bool = False
+) -> Services:
     """Build every shared service; with follow_other_processes, the change-stream fan-out too."""
     db = client[settings.db_name]
     hub = Hub()
@@ -71,12 +75,14 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]],
     groups = GroupStore(db)
     conversations = ConversationStore(db, message_write_concern(settings))
     files = FileStore(db, message_write_concern(settings))
-    messages = MessageService(db, message_write_concern(settings), conversations, groups, hub, files,
-                              settings.limits.max_content_chars)
+    messages = MessageService(
+        db, message_write_concern(settings), conversations, groups, hub, files, settings.limits.max_content_chars
+    )
     # One send budget per caller for messages and for every action that writes one (events).
     send_limiter = SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst)
     directory = UserDirectory(db)
     fanout = ChangeStreamFanout(db, hub, groups, messages.stored_ids) if follow_other_processes else None
+    inbox = Inbox(conversations, groups)
     return Services(
         settings=settings,
         client=client,
@@ -86,15 +92,23 @@ def build_services(settings: Settings, client: AsyncMongoClient[dict[str, Any]],
         conversations=conversations,
         messages=messages,
         files=files,
-        inbox=Inbox(conversations, groups),
-        group_service=GroupService(groups, conversations, messages, db, markers_write_concern(settings),
-                                   send_limiter, settings.limits.max_group_members),
+        inbox=inbox,
+        group_service=GroupService(
+            groups,
+            conversations,
+            messages,
+            db,
+            markers_write_concern(settings),
+            send_limiter,
+            settings.limits.max_group_members,
+        ),
         consultations=ConsultationService(db, messages, directory, send_limiter),
         presence=presence,
         send_limiter=send_limiter,
         directory=directory,
         started_at=time.monotonic(),
         tokens=TokenVerifier(settings.auth_secret, max_ttl_secs=settings.max_token_ttl_secs),
+        chat=ChatService(messages, inbox, hub, send_limiter),
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
         fanout=fanout,
     )
