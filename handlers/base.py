@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-from http import HTTPStatus
 from typing import Any
 
 import tornado.web
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
-from models.errors import (
-    DatabaseUnavailable,
-    IMError,
-    InvalidField,
-    NotFound,
-    TooLarge,
-    Unauthenticated,
-    error_envelope,
-)
+from handlers.errors import error_for_status, finish_with_error, to_im_error
+from models.errors import IMError, InvalidField, NotFound, TooLarge, Unauthenticated
 from models.principal import Principal
 from models.validation import check_id, parse_json_object
 from server.services import Services
 
 log = logging.getLogger(__name__)
-
-
-def as_im_error(exc: BaseException) -> IMError | None:
-    """The client-facing error for an exception, or None for an unexpected one (a 500)."""
-    if isinstance(exc, IMError):
-        return exc
-    if isinstance(exc, PyMongoError):
-        return DatabaseUnavailable()
-    return None
 
 
 # A body declared (or sent) larger than the cap is read and dropped up to this many times the cap,
@@ -114,8 +97,10 @@ class BaseHandler(tornado.web.RequestHandler):
         if length is not None and length > drain_cap:
             raise self.too_large()
         http = self.services.settings.http
-        self.limit_body(cap if length is not None and length <= cap else drain_cap,
-                        http.body_timeout_secs if self.requires_token else http.refused_body_timeout_secs)
+        self.limit_body(
+            cap if length is not None and length <= cap else drain_cap,
+            http.body_timeout_secs if self.requires_token else http.refused_body_timeout_secs,
+        )
 
     def defer_refusal(self, refusal: IMError, length: int | None) -> None:
         """Answer `refusal` once the body is drained, or now (closing) if it is too large to drain."""
@@ -211,20 +196,12 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Render SPEC's envelope for every failure; tracebacks never reach clients."""
+        """Render SPEC's envelope for every failure (handlers/errors.py); tracebacks never reach clients."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        im_error = as_im_error(exc) if exc is not None else None
-        if im_error is not None:
-            self.set_status(im_error.status)
-            body = im_error.envelope()
-        elif isinstance(exc, tornado.web.HTTPError):
-            body = error_envelope(code_for_status(status_code), exc.log_message or reason_phrase(status_code))
-        else:
-            body = error_envelope(code_for_status(status_code), reason_phrase(status_code))
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        error = to_im_error(exc) if exc is not None else error_for_status(status_code)
         if self.closes_connection:
             self.set_header("Connection", "close")  # so clients take a new connection for the next request
-        self.finish(json.dumps(body, ensure_ascii=False))
+        finish_with_error(self, error)
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
         log_handler_exception(self.request, typ, value, tb)
@@ -237,14 +214,3 @@ class NotFoundHandler(BaseHandler):
 
     def admit(self, length: int | None) -> None:
         raise NotFound(f"no such endpoint: {self.request.method} {self.request.path}")
-
-
-def reason_phrase(status_code: int) -> str:
-    try:
-        return HTTPStatus(status_code).phrase
-    except ValueError:
-        return "error"
-
-
-def code_for_status(status_code: int) -> str:
-    return reason_phrase(status_code).lower().replace(" ", "_").replace("-", "_")

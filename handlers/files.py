@@ -7,8 +7,8 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from handlers.base import BaseHandler
-from models.errors import TooLarge
-from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, RangeNotSatisfiable, parse_byte_range, parse_upload
+from models.errors import RangeNotSatisfiable, TooLarge
+from models.files import FILE_FIELD, UPLOAD_OVERHEAD_BYTES, parse_byte_range, parse_upload
 from models.validation import check_id
 
 DOWNLOAD_CACHE_CONTROL = "private, max-age=86400"
@@ -42,7 +42,9 @@ class FileUploadHandler(BaseHandler):
         upload = parse_upload(self.request.headers.get("Content-Type", ""), self.body())
         self._body = bytearray()
         stored = await self.services.files.save_upload(
-            principal, upload, self.services.settings.limits.max_file_bytes,
+            principal,
+            upload,
+            self.services.settings.limits.max_file_bytes,
             owner=None if owner is None else check_id(owner, "owner"),
         )
         self.set_header("Location", stored["url"])

@@ -3,14 +3,14 @@ the REST error envelope and path-only logging."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import tornado.web
 
-from handlers.base import code_for_status, log_handler_exception, reason_phrase
-from models.errors import error_envelope
+from handlers.base import log_handler_exception
+from handlers.errors import error_for_status, finish_with_error, to_im_error
+from models.errors import IMError, NotFound
 
 # NUL and other control characters never name a file here; os.stat would raise on NUL (a 500).
 UNSERVABLE_PATH = re.compile(r"[\x00-\x1f\x7f]")
@@ -26,15 +26,18 @@ class SdkFileHandler(tornado.web.StaticFileHandler):
         return super().validate_absolute_path(root, absolute_path)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The envelope of every other answer, never Tornado's HTML page."""
-        if status_code == 403:  # outside sdk/ (../) or a directory: as absent as a missing file
-            status_code = 404
-            self.set_status(404)
-        message = f"no such file: {self.request.path}" if status_code == 404 else reason_phrase(status_code)
+        """The envelope of every other answer (handlers/errors.py), never Tornado's HTML page."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        error: IMError
+        if status_code in (403, 404):  # 403: outside sdk/ (../) or a directory: as absent as a missing file
+            error = NotFound(f"no such file: {self.request.path}")
+        elif exc is None or isinstance(exc, tornado.web.HTTPError):
+            error = error_for_status(status_code)  # the reason only: Tornado's log_message names paths
+        else:
+            error = to_im_error(exc)
         self.clear_header("Content-Disposition")
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(error_envelope(code_for_status(status_code), message)))
+        finish_with_error(self, error)
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
         log_handler_exception(self.request, typ, value, tb)

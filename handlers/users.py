@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from handlers.base import BaseHandler
 from models.groups import group_to_wire
+from models.principal import require_own_user
 from models.validation import check_id
 
 
 class UserGroupsHandler(BaseHandler):
     async def get(self, user_id: str) -> None:
-        principal = self.authenticate()
-        user = check_id(user_id, "id")
-        principal.require_self_or_staff(user, "id")
+        user = require_own_user(self.authenticate(), {"id": user_id}, "id")
         groups = await self.services.groups.list_for_user(user)
         self.write_json({"groups": [group_to_wire(g) for g in groups]})
 

@@ -101,11 +101,13 @@ def _per_item_errors(exc: BulkWriteError, count: int, ignore_duplicates: bool) -
         if write_error.get("code") == DUPLICATE_KEY:
             if ignore_duplicates:
                 continue
-            failures[write_error["index"]] = DuplicateKeyError(write_error.get("errmsg", "duplicate key"),
-                                                               DUPLICATE_KEY, write_error)
+            failures[write_error["index"]] = DuplicateKeyError(
+                write_error.get("errmsg", "duplicate key"), DUPLICATE_KEY, write_error
+            )
         else:
-            failures[write_error["index"]] = OperationFailure(write_error.get("errmsg", "write failed"),
-                                                              write_error.get("code"), write_error)
+            failures[write_error["index"]] = OperationFailure(
+                write_error.get("errmsg", "write failed"), write_error.get("code"), write_error
+            )
     return failures
 
 

@@ -18,34 +18,22 @@ from models.clock import iso, utcnow
 from models.conversations import ConversationRef
 from models.database import Database
 from models.directory import UserDirectory
-from models.errors import Conflict, Forbidden, InvalidField, NotFound
-from models.messages import Draft, MessageService
-from models.principal import Principal
+from models.errors import (
+    ConsultationClosed,
+    ConsultationOpen,
+    Forbidden,
+    InvalidField,
+    NotADoctor,
+    NotFound,
+    PatientIsDoctor,
+)
+from models.messages import Draft, MessageService, recipients_of
+from models.principal import Principal, require_own_user
 from models.throttling import ActionLimiter
 
 EVENT_STARTED = "consultation.started"
 EVENT_ENDED = "consultation.ended"
 STATUSES = ("open", "closed")
-
-
-class ConsultationOpen(Conflict):
-    code = "consultation_open"
-
-
-class ConsultationClosed(Conflict):
-    code = "consultation_closed"
-
-
-class NotADoctor(Conflict):
-    """The `doctor` named is not known as a doctor (no doctor token seen, no staff declaration)."""
-
-    code = "not_a_doctor"
-
-
-class PatientIsDoctor(Conflict):
-    """The `patient` named is known as a doctor."""
-
-    code = "patient_is_doctor"
 
 
 def open_key(doctor: str, patient: str) -> str:
@@ -71,8 +59,7 @@ def consultation_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ConsultationService:
-    def __init__(self, db: Database, messages: MessageService, directory: UserDirectory,
-                 limiter: ActionLimiter):
+    def __init__(self, db: Database, messages: MessageService, directory: UserDirectory, limiter: ActionLimiter):
         self._consultations = db.consultations
         self._messages = messages
         self._directory = directory
@@ -103,9 +90,17 @@ class ConsultationService:
         # Consultations stored before openKey existed do not hold it: this finds those.
         if await self._consultations.find_one({"doctor": doctor, "patient": patient, "status": "open"}):
             raise self._already_open()
-        doc = {"_id": str(ObjectId()), "doctor": doctor, "patient": patient, "status": "open",
-               "openKey": open_key(doctor, patient),
-               "startedAt": utcnow(), "startedBy": operator, "endedAt": None, "endedBy": None}
+        doc = {
+            "_id": str(ObjectId()),
+            "doctor": doctor,
+            "patient": patient,
+            "status": "open",
+            "openKey": open_key(doctor, patient),
+            "startedAt": utcnow(),
+            "startedBy": operator,
+            "endedAt": None,
+            "endedBy": None,
+        }
         try:
             await self._consultations.insert_one(doc)
         except DuplicateKeyError:  # a parallel start won the pair (the unique open_key index)
@@ -131,10 +126,7 @@ class ConsultationService:
         return consultation_to_wire(ended)
 
     async def list_for_user(self, principal: Principal, query: Mapping[str, str]) -> list[dict[str, Any]]:
-        if "user_id" not in query:
-            raise InvalidField("user_id", "is required")
-        user = v.check_id(query["user_id"], "user_id")
-        principal.require_self_or_staff(user, "user_id")
+        user = require_own_user(principal, query)
         filter_: dict[str, Any] = {"$or": [{"doctor": user}, {"patient": user}]}
         status = query.get("status")
         if status is not None:
@@ -149,8 +141,10 @@ class ConsultationService:
         self._directory.note_principal(principal)  # a doctor starting as itself proves it (handlers note it too)
         doctors = await self._directory.find_doctors([doctor, patient])
         if doctor not in doctors:
-            raise NotADoctor(f"doctor: {doctor!r} is not known as a doctor (it has used no doctor token "
-                             "and no service or admin has declared it one)")
+            raise NotADoctor(
+                f"doctor: {doctor!r} is not known as a doctor (it has used no doctor token "
+                "and no service or admin has declared it one)"
+            )
         if patient in doctors:
             raise PatientIsDoctor(f"patient: {patient!r} is known as a doctor")
 
@@ -171,15 +165,22 @@ class ConsultationService:
         doctor, patient = consultation["doctor"], consultation["patient"]
         to = patient if operator == doctor else doctor
         fields = {
-            "channel": "pm", "from": operator, "to": to, "contentType": 1, "content": content,
-            "event": event, "consultationId": consultation["_id"],
+            "channel": "pm",
+            "from": operator,
+            "to": to,
+            "contentType": 1,
+            "content": content,
+            "event": event,
+            "consultationId": consultation["_id"],
             # The conversation's two parties: with a staff operator, from/to alone do not name it.
-            "doctor": doctor, "patient": patient,
+            "doctor": doctor,
+            "patient": patient,
             # Makes a retried announcement idempotent: one event message per consultation and event.
             # Its own stored field with its own unique index, never a clientMsgId: a client that
             # sent this string as a clientMsgId first would otherwise suppress the event (SPEC §4).
             "eventKey": f"{event}:{consultation['_id']}",
         }
-        pair = sorted({doctor, patient})
-        draft = Draft(ConversationRef.pm(doctor, patient), fields, pair, pair)
+        ref = ConversationRef.pm(doctor, patient)
+        pair = recipients_of(ref, fields)
+        draft = Draft(ref, fields, pair, pair)
         await self._messages.send(draft)

@@ -72,7 +72,7 @@ class ConversationRef:
     def pm_pair(self) -> list[str]:
         """The two users of a pm conversation, sorted (see pm_conv)."""
         length, _, rest = self.conv.partition(":")
-        return [rest[: int(length)], rest[int(length) + 1:]]
+        return [rest[: int(length)], rest[int(length) + 1 :]]
 
     def parties(self) -> list[str]:
         """Who the summary keeps per-party state for: the pm pair (sides A, B), the sm recipient."""
@@ -83,7 +83,7 @@ class ConversationRef:
         return []  # a group: per-member state would cost a write per member per message
 
     def side_of(self, user: str) -> str | None:
-        """"A" or "B": where the summary keeps this party's state; None for groups and strangers."""
+        """ "A" or "B": where the summary keeps this party's state; None for groups and strangers."""
         for side, party in zip(SIDES, self.parties(), strict=False):
             if party == user:
                 return side
@@ -110,8 +110,7 @@ class ConversationStore:
         self._cursors = db.cursors
         self._db = db
 
-    async def record_message(self, ref: ConversationRef, message: dict[str, Any],
-                             members: list[str] | None) -> None:
+    async def record_message(self, ref: ConversationRef, message: dict[str, Any], members: list[str] | None) -> None:
         """Advance the summary to this message; never moves it backwards (safe to repeat).
 
         Batched with other conversations' updates (models/batching.py): an upsert whose filter
@@ -125,8 +124,12 @@ class ConversationStore:
         on_insert: dict[str, Any] = {"channel": ref.channel, "conv": ref.conv}
         if members is not None:
             on_insert["members"] = members
-        fields: dict[str, Any] = {"lastSeq": seq, "lastMessage": message, "updatedAt": message["createdAt"],
-                                  "activityAt": activity}
+        fields: dict[str, Any] = {
+            "lastSeq": seq,
+            "lastMessage": message,
+            "updatedAt": message["createdAt"],
+            "activityAt": activity,
+        }
         own: dict[str, int] = {}
         for side, user in zip(SIDES, ref.parties(), strict=False):
             fields[f"activity{side}"] = f"{user}{SEP}{activity}"
@@ -139,14 +142,16 @@ class ConversationStore:
         update: dict[str, Any] = {"$set": fields, "$setOnInsert": on_insert}
         if own:
             update["$addToSet"] = own
-        updates = [self._summary_updates.update(UpdateOne(
-            {"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True))]
+        updates = [
+            self._summary_updates.update(UpdateOne({"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True))
+        ]
         if own:
             updates.append(self._summary_updates.update(UpdateOne({"_id": ref.key}, {"$addToSet": own})))
         await asyncio.gather(*updates)  # one batch, one round trip
 
-    async def record_own_message(self, ref: ConversationRef, message: Mapping[str, Any],
-                                 recipients: Sequence[str]) -> None:
+    async def record_own_message(
+        self, ref: ConversationRef, message: Mapping[str, Any], recipients: Sequence[str]
+    ) -> None:
         """A group message's sender (when a member) keeps its seq on its own cursor, for unread.
 
         pm and sm keep their parties' own seqs in the summary (record_message); a group cannot
@@ -162,8 +167,7 @@ class ConversationStore:
             # No cursor yet, or one without the array (a marker made it): $push creates it on both
             # MongoDB and nx-27017 (whose $addToSet ignores a missing array). A repeat is harmless:
             # count_unread counts distinct seqs.
-            await self._upsert_cursor(sender, ref, {"$push": {"own": seq},
-                                                    "$setOnInsert": {"received": 0, "read": 0}})
+            await self._upsert_cursor(sender, ref, {"$push": {"own": seq}, "$setOnInsert": {"received": 0, "read": 0}})
 
     async def get_summary(self, ref: ConversationRef) -> dict[str, Any] | None:
         return await self._summaries.find_one({"_id": ref.key})
@@ -173,8 +177,9 @@ class ConversationStore:
         found = await self.find_recent(user, list(group_ids), before=None, limit=None)
         return found
 
-    async def find_recent(self, user: str, group_ids: Sequence[str], *, before: str | None,
-                          limit: int | None) -> list[dict[str, Any]]:
+    async def find_recent(
+        self, user: str, group_ids: Sequence[str], *, before: str | None, limit: int | None
+    ) -> list[dict[str, Any]]:
         """The user's summaries with activityAt < before, newest activity first, at most limit.
 
         Three index walks (the user's side A and side B keys, the groups by _id), each stopping
@@ -193,15 +198,21 @@ class ConversationStore:
             cursor = self._summaries.find(filter_).sort("activityAt", DESCENDING)
             queries.append(cursor if limit is None else cursor.limit(limit))
         pages = await asyncio.gather(*(cursor.to_list() for cursor in queries))
-        merged = sorted((doc for page in pages for doc in page if "activityAt" in doc),
-                        key=lambda doc: doc["activityAt"], reverse=True)
+        merged = sorted(
+            (doc for page in pages for doc in page if "activityAt" in doc),
+            key=lambda doc: doc["activityAt"],
+            reverse=True,
+        )
         return merged if limit is None else merged[:limit]
 
     async def find_pending(self, user: str) -> list[dict[str, Any]]:
         """pm/sm summaries with messages the user may not have received (O(news))."""
-        pages = await asyncio.gather(*(
-            self._summaries.find({f"pending{side}": user}, {"channel": 1, "conv": 1, "lastSeq": 1}).to_list()
-            for side in SIDES))
+        pages = await asyncio.gather(
+            *(
+                self._summaries.find({f"pending{side}": user}, {"channel": 1, "conv": 1, "lastSeq": 1}).to_list()
+                for side in SIDES
+            )
+        )
         return [doc for page in pages for doc in page]
 
     async def get_last_seqs(self, refs: Sequence[ConversationRef]) -> dict[str, int]:
@@ -217,7 +228,8 @@ class ConversationStore:
         if side is not None:
             await self._summaries.update_one(
                 {"_id": ref.key, "lastSeq": {"$lte": received}, f"pending{side}": user},
-                {"$unset": {f"pending{side}": ""}})
+                {"$unset": {f"pending{side}": ""}},
+            )
 
     async def get_cursors(self, user: str) -> dict[str, dict[str, Any]]:
         """All of a user's cursors keyed by conversation key."""
@@ -264,8 +276,9 @@ class ConversationStore:
         assert doc is not None
         return doc
 
-    async def _mirror_markers(self, user: str, ref: ConversationRef, side: str, cursor: Mapping[str, Any],
-                              *, read: bool) -> None:
+    async def _mirror_markers(
+        self, user: str, ref: ConversationRef, side: str, cursor: Mapping[str, Any], *, read: bool
+    ) -> None:
         """Copy a pm/sm party's markers (the cursor's, which never go back) into the summary."""
         received, read_seq = cursor.get("received", 0), cursor.get("read", 0)
         update: dict[str, Any] = {"$max": {f"received{side}": received, f"read{side}": read_seq}}
@@ -275,8 +288,9 @@ class ConversationStore:
         # Conditional, so a message stored meanwhile (lastSeq above received) keeps the flag set.
         await self.clear_pending(user, ref, received)
 
-    async def messages_after(self, ref: ConversationRef, after_seq: int, limit: int,
-                             before_seq: int | None = None) -> list[dict[str, Any]]:
+    async def messages_after(
+        self, ref: ConversationRef, after_seq: int, limit: int, before_seq: int | None = None
+    ) -> list[dict[str, Any]]:
         seq_range: dict[str, int] = {"$gt": after_seq}
         if before_seq is not None:
             seq_range["$lt"] = before_seq
@@ -315,8 +329,9 @@ class ConversationStore:
             markers = {doc["user"]: doc async for doc in self._cursors.find({"channel": "gm", "conv": ref.conv})}
         own: dict[str, list[int]] = {}
         lowest_read = min((m.get("read", 0) for m in markers.values()), default=0) if ref.channel != "gm" else 0
-        async for doc in self._db[ref.channel].find({"conv": ref.conv, "seq": {"$gt": lowest_read}},
-                                                    {"from": 1, "seq": 1}):
+        async for doc in self._db[ref.channel].find(
+            {"conv": ref.conv, "seq": {"$gt": lowest_read}}, {"from": 1, "seq": 1}
+        ):
             sender = doc.get("from")
             if isinstance(sender, str) and (sender in markers or ref.channel == "gm"):
                 own.setdefault(sender, []).append(doc["seq"])
@@ -328,8 +343,9 @@ class ConversationStore:
                 read_seq = markers.get(sender, {}).get("read", 0)
                 above = sorted(s for s in seqs if s > read_seq)
                 if above:
-                    await self._upsert_cursor(sender, ref, {"$push": {"own": {"$each": above}},
-                                                            "$setOnInsert": {"received": 0, "read": 0}})
+                    await self._upsert_cursor(
+                        sender, ref, {"$push": {"own": {"$each": above}}, "$setOnInsert": {"received": 0, "read": 0}}
+                    )
 
 
 def activity_key(ref: ConversationRef, created_at: datetime.datetime) -> str:

@@ -62,11 +62,17 @@ class UserDirectory:
                 del self._unwritten[pair]
             now = utcnow()
             try:
-                await self._users.bulk_write([
-                    UpdateOne({"_id": user}, {"$addToSet": {"roles": role}, "$setOnInsert": {"firstSeenAt": now}},
-                              upsert=True)
-                    for user, role in batch
-                ], ordered=False)
+                await self._users.bulk_write(
+                    [
+                        UpdateOne(
+                            {"_id": user},
+                            {"$addToSet": {"roles": role}, "$setOnInsert": {"firstSeenAt": now}},
+                            upsert=True,
+                        )
+                        for user, role in batch
+                    ],
+                    ordered=False,
+                )
             except PyMongoError as exc:  # forget them, so that their next request tries again
                 log.warning("could not record the roles of %d users: %s", len(batch), exc)
                 for pair in batch:
@@ -86,8 +92,10 @@ class UserDirectory:
         now = utcnow()
         await self._users.update_one(
             {"_id": user},
-            {"$set": {"declaredRole": role, "declaredBy": principal.user_id, "declaredAt": now},
-             "$setOnInsert": {"roles": [], "firstSeenAt": now}},
+            {
+                "$set": {"declaredRole": role, "declaredBy": principal.user_id, "declaredAt": now},
+                "$setOnInsert": {"roles": [], "firstSeenAt": now},
+            },
             upsert=True,
         )
         doc = await self._users.find_one({"_id": user})

@@ -1,4 +1,11 @@
-"""Domain errors and the one error envelope shared by REST responses and WebSocket frames."""
+"""Domain errors: one class per condition a client may see, each carrying its code and HTTP status.
+
+Raise sites name the condition (`raise GroupExists(...)`), never a code string; the class says
+what the client sees. handlers/errors.py renders them (SPEC §5's envelope, SPEC §7's error frame)
+for every path: REST answers, the refused WebSocket handshake, error frames, static files, and
+the 431 that server/http_guard.py writes itself. Codes are a wire contract: clients and tests
+match on them, so a class's code never changes.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +18,20 @@ class IMError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
 
-    def envelope(self) -> dict[str, Any]:
-        return error_envelope(self.code, self.message)
+
+# ---- 400 -----------------------------------------------------------------------------------------
+
+
+class BadRequest(IMError):
+    """A request Tornado could not take as it came (what its HTTPError(400) becomes)."""
 
 
 class InvalidField(IMError):
-    """Bad input in one named field."""
+    """Bad input in one named field; the message starts with the field's name."""
 
     code = "invalid_field"
 
@@ -34,7 +41,12 @@ class InvalidField(IMError):
 
 
 class InvalidBody(IMError):
+    """A body (or frame) that is not a JSON object, or holds what cannot be stored."""
+
     code = "invalid_body"
+
+
+# ---- 401 / 403 -----------------------------------------------------------------------------------
 
 
 class Unauthenticated(IMError):
@@ -47,9 +59,21 @@ class Forbidden(IMError):
     code = "forbidden"
 
 
+class NotAMember(Forbidden):
+    """The caller (or the `from` it names) is not a member of the group."""
+
+    code = "not_a_member"
+
+
+# ---- 404 -----------------------------------------------------------------------------------------
+
+
 class NotFound(IMError):
     status = 404
     code = "not_found"
+
+
+# ---- 409 -----------------------------------------------------------------------------------------
 
 
 class Conflict(IMError):
@@ -57,14 +81,98 @@ class Conflict(IMError):
     code = "conflict"
 
 
+class ClientMsgIdReused(Conflict):
+    """A clientMsgId sent again with a different message (SPEC §4): a 409, never a silent drop."""
+
+    code = "client_msg_id_reused"
+
+
+class GroupExists(Conflict):
+    """A group created with an id that is already taken."""
+
+    code = "group_exists"
+
+
+class GroupFull(Conflict):
+    """Adding these members would take the group past [limits] max_group_members."""
+
+    code = "group_full"
+
+
+class GroupBusy(Conflict):
+    """The membership kept changing under us (other processes); the caller may retry."""
+
+    code = "group_busy"
+
+
+class ConsultationOpen(Conflict):
+    """The doctor and patient already have an open consultation."""
+
+    code = "consultation_open"
+
+
+class ConsultationClosed(Conflict):
+    """The consultation has already ended."""
+
+    code = "consultation_closed"
+
+
+class NotADoctor(Conflict):
+    """The `doctor` named is not known as a doctor (no doctor token seen, no staff declaration)."""
+
+    code = "not_a_doctor"
+
+
+class PatientIsDoctor(Conflict):
+    """The `patient` named is known as a doctor."""
+
+    code = "patient_is_doctor"
+
+
+# ---- 413 / 416 / 429 / 431 -----------------------------------------------------------------------
+
+
 class TooLarge(IMError):
     status = 413
     code = "too_large"
 
 
+class RangeNotSatisfiable(IMError):
+    """A file download's Range selects nothing of the file (docs/files.md)."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+
 class RateLimited(IMError):
     status = 429
     code = "rate_limited"
+
+
+class TooManyConnections(RateLimited):
+    """A WebSocket handshake over the per-user or server-wide connection cap."""
+
+    code = "too_many_connections"
+
+
+class HeadersTooLarge(IMError):
+    """Request headers over [http] max_header_bytes (answered by server/http_guard.py)."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+# ---- 5xx -----------------------------------------------------------------------------------------
+
+
+class InternalError(IMError):
+    """A bug: the client learns nothing more than that (details go to the log only)."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str = "internal error"):
+        super().__init__(message)
 
 
 class DatabaseUnavailable(IMError):
@@ -75,12 +183,20 @@ class DatabaseUnavailable(IMError):
         super().__init__(message)
 
 
-class ClientMsgIdReused(Conflict):
-    """A clientMsgId sent again with a different message (SPEC §4): a 409, never a silent drop."""
+# ---- wire forms ----------------------------------------------------------------------------------
+# Defined here, beside the errors, because server/http_guard.py renders a 431 itself and server/
+# may not import handlers/ (pyproject's import contracts); handlers/errors.py is where every
+# adapter takes them from.
 
-    code = "client_msg_id_reused"
+
+def error_body(error: IMError) -> dict[str, Any]:
+    """SPEC §5's envelope: {"error": {"code", "message"}}."""
+    return {"error": {"code": error.code, "message": error.message}}
 
 
-def error_envelope(code: str, message: str) -> dict[str, Any]:
-    """SPEC §5: {"error": {"code", "message"}}."""
-    return {"error": {"code": code, "message": message}}
+def error_frame(error: IMError, client_msg_id: str | None = None) -> dict[str, Any]:
+    """SPEC §7's frame: {"type": "error", "code", "message", "clientMsgId"?} (the id of the send it answers)."""
+    frame: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
+    if client_msg_id is not None:
+        frame["clientMsgId"] = client_msg_id
+    return frame

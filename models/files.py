@@ -27,7 +27,7 @@ from pymongo import WriteConcern
 from tornado.httputil import HTTPFile, HTTPInputError, parse_multipart_form_data
 
 from models.database import Database
-from models.errors import IMError, InvalidField, NotFound, TooLarge
+from models.errors import InvalidField, NotFound, RangeNotSatisfiable, TooLarge
 from models.groups import has_member
 from models.principal import Principal
 from models.validation import FILE_ID_RE
@@ -49,12 +49,10 @@ DECLARED_ALIASES: dict[str, frozenset[str]] = {
     "image/jpeg": frozenset({"image/jpeg", "image/jpg", "image/pjpeg"}),
     "image/gif": frozenset({"image/gif"}),
     "image/webp": frozenset({"image/webp"}),
-    "audio/mpeg": frozenset({"audio/mpeg", "audio/mp3", "audio/mpeg3", "audio/x-mp3",
-                             "audio/x-mpeg"}),
+    "audio/mpeg": frozenset({"audio/mpeg", "audio/mp3", "audio/mpeg3", "audio/x-mp3", "audio/x-mpeg"}),
     "audio/ogg": frozenset({"audio/ogg", "audio/opus", "audio/vorbis", "application/ogg"}),
     "audio/wav": frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"}),
-    "audio/mp4": frozenset({"audio/mp4", "audio/m4a", "audio/x-m4a", "audio/aac", "audio/x-aac",
-                            "video/mp4"}),
+    "audio/mp4": frozenset({"audio/mp4", "audio/m4a", "audio/x-m4a", "audio/aac", "audio/x-aac", "video/mp4"}),
     "audio/aac": frozenset({"audio/aac", "audio/x-aac", "audio/aacp"}),
     "audio/3gpp": frozenset({"audio/3gpp", "audio/3gp", "video/3gpp", "audio/amr"}),
     "audio/amr": frozenset({"audio/amr", "audio/x-amr", "audio/3gpp"}),
@@ -62,12 +60,20 @@ DECLARED_ALIASES: dict[str, frozenset[str]] = {
     # MediaRecorder in browsers labels audio-only recordings either way.
     "audio/webm": frozenset({"audio/webm", "video/webm"}),
 }
-GENERIC_TYPES = frozenset({"", "application/octet-stream", "application/unknown",
-                           "binary/octet-stream"})
+GENERIC_TYPES = frozenset({"", "application/octet-stream", "application/unknown", "binary/octet-stream"})
 EXTENSIONS = {
-    "image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp",
-    "audio/mpeg": "mp3", "audio/ogg": "ogg", "audio/wav": "wav", "audio/mp4": "m4a",
-    "audio/aac": "aac", "audio/3gpp": "3gp", "audio/amr": "amr", "audio/amr-wb": "awb",
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "audio/mpeg": "mp3",
+    "audio/ogg": "ogg",
+    "audio/wav": "wav",
+    "audio/mp4": "m4a",
+    "audio/aac": "aac",
+    "audio/3gpp": "3gp",
+    "audio/amr": "amr",
+    "audio/amr-wb": "awb",
     "audio/webm": "webm",
 }
 MP4_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"mp41", b"mp42", b"isom", b"iso2"})
@@ -120,14 +126,12 @@ def _is_mpeg_audio_frame(head: bytes) -> bool:
     layer = (head[1] >> 1) & 0b11
     bitrate = head[2] >> 4
     sample_rate = (head[2] >> 2) & 0b11
-    return (version != 0b01 and layer != 0b00 and bitrate not in (0b0000, 0b1111)
-            and sample_rate != 0b11)
+    return version != 0b01 and layer != 0b00 and bitrate not in (0b0000, 0b1111) and sample_rate != 0b11
 
 
 def _is_adts_frame(head: bytes) -> bool:
     """Raw AAC (ADTS): 12 sync bits, layer 00, then a valid sampling-frequency index."""
-    return (len(head) >= 7 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0
-            and (head[2] >> 2) & 0xF < 13)
+    return len(head) >= 7 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0 and (head[2] >> 2) & 0xF < 13
 
 
 def check_declared_type(declared: str, detected: str) -> None:
@@ -187,11 +191,6 @@ def file_url(file_id: str) -> str:
 
 def file_to_wire(file_id: str, mime_type: str, size: int) -> dict[str, Any]:
     return {"id": file_id, "url": file_url(file_id), "mimeType": mime_type, "size": size}
-
-
-class RangeNotSatisfiable(IMError):
-    status = 416
-    code = "range_not_satisfiable"
 
 
 @dataclasses.dataclass
@@ -259,13 +258,14 @@ class FileStore:
         self._db = db
         # Journaled like messages: a file id a client received must survive a crash, since a
         # message referencing it may be acknowledged next.
-        self._bucket = AsyncGridFSBucket(db, bucket_name=BUCKET_NAME,
-                                         chunk_size_bytes=CHUNK_SIZE_BYTES,
-                                         write_concern=write_concern)
+        self._bucket = AsyncGridFSBucket(
+            db, bucket_name=BUCKET_NAME, chunk_size_bytes=CHUNK_SIZE_BYTES, write_concern=write_concern
+        )
         self._files = db.get_collection(f"{BUCKET_NAME}.files")
 
-    async def save_upload(self, principal: Principal, upload: Upload, max_file_bytes: int,
-                          owner: str | None = None) -> dict[str, Any]:
+    async def save_upload(
+        self, principal: Principal, upload: Upload, max_file_bytes: int, owner: str | None = None
+    ) -> dict[str, Any]:
         """Check and store an upload; returns {"id", "url", "mimeType", "size"}.
 
         `owner` lets the platform back end (service/admin) upload on a user's behalf, so that the
@@ -290,10 +290,10 @@ class FileStore:
         metadata = {"owner": owner, "uploadedBy": principal.user_id, "mimeType": mime_type}
         # upload_from_stream_with_id aborts (deletes written chunks) if any write fails: no
         # partial file is left behind.
-        await self._bucket.upload_from_stream_with_id(file_id, clean_filename(upload.filename),
-                                                      upload.data, metadata=metadata)
-        log.info("file %s stored: %s, %d bytes, owner %s, by %s",
-                 file_id, mime_type, size, owner, principal.user_id)
+        await self._bucket.upload_from_stream_with_id(
+            file_id, clean_filename(upload.filename), upload.data, metadata=metadata
+        )
+        log.info("file %s stored: %s, %d bytes, owner %s, by %s", file_id, mime_type, size, owner, principal.user_id)
         return file_to_wire(str(file_id), mime_type, size)
 
     async def open_download(self, principal: Principal, file_id: str) -> FileDownload:
@@ -309,8 +309,9 @@ class FileStore:
         if not await self._may_read(principal, file_id, metadata):
             await grid_out.close()
             raise missing
-        return FileDownload(file_id, metadata.get("mimeType", "application/octet-stream"),
-                            int(grid_out.length), grid_out)
+        return FileDownload(
+            file_id, metadata.get("mimeType", "application/octet-stream"), int(grid_out.length), grid_out
+        )
 
     async def check_attachable(self, file_id: str, sender: str) -> None:
         """MessageService hook: the sender may put this file in a message only if it may read it."""
@@ -319,8 +320,7 @@ class FileStore:
             # One answer for both cases, like downloads: attaching must not probe for ids.
             raise InvalidField("content", f"no file {file_id!r} that {sender!r} may attach")
 
-    async def _may_read(self, principal: Principal, file_id: str,
-                        metadata: Mapping[str, Any]) -> bool:
+    async def _may_read(self, principal: Principal, file_id: str, metadata: Mapping[str, Any]) -> bool:
         return principal.is_staff or await self._user_may_read(principal.user_id, file_id, metadata)
 
     async def _user_may_read(self, user: str, file_id: str, metadata: Mapping[str, Any]) -> bool:
@@ -339,5 +339,4 @@ class FileStore:
         if not groups:
             return False
         # Membership now, not when the message was sent: leaving a group ends access to its files.
-        return await self._db.groups.find_one({"_id": {"$in": groups}, **has_member(user)},
-                                              {"_id": 1}) is not None
+        return await self._db.groups.find_one({"_id": {"$in": groups}, **has_member(user)}, {"_id": 1}) is not None

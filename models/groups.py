@@ -10,7 +10,7 @@ from pymongo.errors import DuplicateKeyError
 
 from models.clock import iso, utcnow
 from models.database import Database
-from models.errors import Conflict, Forbidden, NotFound
+from models.errors import Forbidden, GroupExists, NotAMember, NotFound
 from models.principal import Principal
 
 
@@ -21,22 +21,6 @@ def has_member(user: str) -> dict[str, Any]:
     nx-27017 answers the short form wrongly when `members` is indexed.
     """
     return {"members": {"$in": [user]}}
-
-
-class NotAMember(Forbidden):
-    code = "not_a_member"
-
-
-class GroupFull(Conflict):
-    """Adding these members would take the group past [limits] max_group_members."""
-
-    code = "group_full"
-
-
-class GroupBusy(Conflict):
-    """The membership kept changing under us (other processes); the caller may retry."""
-
-    code = "group_busy"
 
 
 def group_to_wire(doc: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +54,9 @@ class GroupStore:
             raise NotAMember(f"group: {principal.user_id!r} is not a member of {group_id!r}")
         return doc
 
-    async def create(self, *, group_id: str | None, name: str, group_type: int,
-                     members: list[str], created_by: str) -> dict[str, Any]:
+    async def create(
+        self, *, group_id: str | None, name: str, group_type: int, members: list[str], created_by: str
+    ) -> dict[str, Any]:
         doc = {
             "_id": group_id or str(ObjectId()),
             "name": name,
@@ -85,7 +70,7 @@ class GroupStore:
         try:
             await self._groups.insert_one(doc)
         except DuplicateKeyError:
-            raise Conflict(f"id: group {doc['_id']!r} already exists", code="group_exists") from None
+            raise GroupExists(f"id: group {doc['_id']!r} already exists") from None
         return doc
 
     async def add_new_members(self, before: dict[str, Any], new: list[str]) -> dict[str, Any] | None:
@@ -104,7 +89,8 @@ class GroupStore:
         """Remove one member; returns the group and whether it was a member."""
         after = await self._groups.find_one_and_update(
             {"$and": [{"_id": group_id}, has_member(member)]},
-            {"$pull": {"members": member}, "$inc": {"rev": 1}}, return_document=ReturnDocument.AFTER,
+            {"$pull": {"members": member}, "$inc": {"rev": 1}},
+            return_document=ReturnDocument.AFTER,
         )
         if after is not None:
             return after, True

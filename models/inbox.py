@@ -12,8 +12,8 @@ from typing import Any
 
 from models import validation as v
 from models.conversations import SEP, ConversationRef, ConversationStore, count_unread
-from models.errors import InvalidField, NotFound
-from models.groups import GroupStore, NotAMember
+from models.errors import InvalidField, NotAMember, NotFound
+from models.groups import GroupStore
 from models.messages import message_to_wire
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ class Inbox:
             return ConversationRef.sm(user), []
         raise InvalidField("channel", "must be one of sm, pm, gm")
 
-    async def mark(self, user: str, data: Mapping[str, Any], *,
-                   read: bool) -> tuple[ConversationRef, list[str], dict[str, Any]]:
+    async def mark(
+        self, user: str, data: Mapping[str, Any], *, read: bool
+    ) -> tuple[ConversationRef, list[str], dict[str, Any]]:
         """Move the user's received (or read) marker; returns (conversation, others, cursor)."""
         seq = v.parse_int(data.get("seq"), "seq")
         ref, others = await self.resolve(user, data)
@@ -81,8 +82,9 @@ class Inbox:
             log.info("read marker of %s in %s moved to %d", user, ref.channel, cursor["read"])
         return ref, others, cursor
 
-    async def list_conversations(self, user: str, limit: int = DEFAULT_LIST_LIMIT,
-                                 cursor: str | None = None) -> dict[str, Any]:
+    async def list_conversations(
+        self, user: str, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None
+    ) -> dict[str, Any]:
         """A page of the user's conversations, newest activity first: {"conversations", "next"}.
 
         O(page): the summaries come from index walks that stop after limit + 1, unread and the
@@ -111,20 +113,25 @@ class Inbox:
                 entry["peer"] = high if low == user else low
             elif ref.channel == "gm":
                 entry["group"] = ref.conv
-            entry.update({
-                "lastMessage": message_to_wire(summary["lastMessage"]),
-                "unread": count_unread(summary["lastSeq"], read_seq, own),
-                "receivedSeq": received,
-                "readSeq": read_seq,
-            })
+            entry.update(
+                {
+                    "lastMessage": message_to_wire(summary["lastMessage"]),
+                    "unread": count_unread(summary["lastSeq"], read_seq, own),
+                    "receivedSeq": received,
+                    "readSeq": read_seq,
+                }
+            )
             if ref.channel == "pm":
                 entry["peerReadSeq"] = summary.get(f"read{'B' if side == 'A' else 'A'}", 0)
             out.append(entry)
         more = len(found) > limit
         return {"conversations": out, "next": format_list_cursor(page[-1]["activityAt"]) if more else None}
 
-    async def backlog_plan(self, user: str, just_stored: Mapping[str, tuple[ConversationRef, int]] | None = None,
-                           ) -> list[tuple[ConversationRef, int, int]]:
+    async def backlog_plan(
+        self,
+        user: str,
+        just_stored: Mapping[str, tuple[ConversationRef, int]] | None = None,
+    ) -> list[tuple[ConversationRef, int, int]]:
         """(conversation, received marker, newest seq): the conversations with news first, then the
         rest of the user's cursors (newest = received: a baseline for the socket, nothing to send).
 
@@ -161,8 +168,9 @@ class Inbox:
                 plan.append((ConversationRef.from_key(key), cursor.get("received", 0), cursor.get("received", 0)))
         return plan
 
-    async def messages_after(self, ref: ConversationRef, after: int,
-                             before: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def messages_after(
+        self, ref: ConversationRef, after: int, before: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Messages with after < seq (< before), oldest first, read in pages."""
         while True:
             page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE, before)

@@ -19,14 +19,13 @@ from models import validation as v
 from models.clock import utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
-from models.errors import Forbidden, InvalidField
-from models.groups import GroupBusy, GroupFull, GroupStore, NotAMember
-from models.messages import Draft, MessageService
+from models.errors import Forbidden, GroupBusy, GroupFull, InvalidField, NotAMember
+from models.groups import GroupStore
+from models.messages import EVENT_MEMBER_REMOVED, Draft, MessageService, recipients_of
 from models.principal import Principal
 from models.throttling import ActionLimiter
 
 EVENT_MEMBERS_ADDED = "group.members_added"
-EVENT_MEMBER_REMOVED = "group.member_removed"
 EVENT_GROUP_CREATED = "group.created"
 # Adds retried when another process changed the group between our read and our write.
 ADD_ATTEMPTS = 20
@@ -36,8 +35,16 @@ DUPLICATE_KEY = 11000
 
 
 class GroupService:
-    def __init__(self, groups: GroupStore, conversations: ConversationStore, messages: MessageService,
-                 db: Database, markers_write_concern: WriteConcern, limiter: ActionLimiter, max_members: int):
+    def __init__(
+        self,
+        groups: GroupStore,
+        conversations: ConversationStore,
+        messages: MessageService,
+        db: Database,
+        markers_write_concern: WriteConcern,
+        limiter: ActionLimiter,
+        max_members: int,
+    ):
         self._groups = groups
         self._conversations = conversations
         self._messages = messages
@@ -68,17 +75,18 @@ class GroupService:
             raise InvalidField("members", "must name at least one member")
         self._check_size(len(members))
         self._limiter.check(principal.user_id)  # the group.created notice is a message
-        group = await self._groups.create(group_id=group_id, name=name, group_type=group_type,
-                                          members=members, created_by=principal.user_id)
-        await self._announce(group, principal.user_id, EVENT_GROUP_CREATED, members,
-                             f"{principal.user_id} created the group {name}", group["members"])
+        group = await self._groups.create(
+            group_id=group_id, name=name, group_type=group_type, members=members, created_by=principal.user_id
+        )
+        await self._announce(
+            group, principal.user_id, EVENT_GROUP_CREATED, members, f"{principal.user_id} created the group {name}"
+        )
         return group
 
     async def read(self, principal: Principal, group_id: str) -> dict[str, Any]:
         """Members, the creator and staff may read a group."""
         group = await self._groups.get(group_id)
-        if not (principal.is_staff or principal.user_id in group["members"]
-                or group["createdBy"] == principal.user_id):
+        if not (principal.is_staff or principal.user_id in group["members"] or group["createdBy"] == principal.user_id):
             raise NotAMember(f"group: {principal.user_id!r} is not a member of {group_id!r}")
         return group
 
@@ -110,8 +118,9 @@ class GroupService:
                     break
             else:
                 raise GroupBusy(f"group {group_id!r} kept changing; retry")
-        await self._announce(group, principal.user_id, EVENT_MEMBERS_ADDED, added,
-                             f"{principal.user_id} added {_names(added)}", group["members"])
+        await self._announce(
+            group, principal.user_id, EVENT_MEMBERS_ADDED, added, f"{principal.user_id} added {_names(added)}"
+        )
         return group
 
     async def remove_member(self, principal: Principal, group_id: str, member: str) -> dict[str, Any]:
@@ -123,8 +132,9 @@ class GroupService:
         group, was_member = await self._groups.remove_member(group_id, member)
         if was_member:
             # The removed member hears of it too, then nothing more from this group.
-            await self._announce(group, principal.user_id, EVENT_MEMBER_REMOVED, [member],
-                                 f"{principal.user_id} removed {member}", [*group["members"], member])
+            await self._announce(
+                group, principal.user_id, EVENT_MEMBER_REMOVED, [member], f"{principal.user_id} removed {member}"
+            )
         return group
 
     def _check_size(self, size: int) -> None:
@@ -139,15 +149,18 @@ class GroupService:
         update_many — $max, so never backwards — and the rest are inserted with one insert_many.
         """
         conversation = {"channel": ref.channel, "conv": ref.conv}
-        existing = {doc["user"] async for doc in self._cursors.find(
-            {"user": {"$in": users}, **conversation}, {"user": 1, "_id": 0})}
+        existing = {
+            doc["user"]
+            async for doc in self._cursors.find({"user": {"$in": users}, **conversation}, {"user": 1, "_id": 0})
+        }
         fresh = [u for u in users if u not in existing]
         now = utcnow()
         if fresh:
             try:
                 await self._cursors.insert_many(
                     [{"user": u, **conversation, "received": seq, "read": seq, "readAt": now} for u in fresh],
-                    ordered=False)
+                    ordered=False,
+                )
             except BulkWriteError as exc:
                 # A marker created meanwhile (the user read the group): raise it like the others.
                 if any(error.get("code") != DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
@@ -156,7 +169,8 @@ class GroupService:
         if existing:
             await self._cursors.update_many(
                 {"user": {"$in": list(existing)}, **conversation},
-                {"$max": {"received": seq, "read": seq}, "$set": {"readAt": now}})
+                {"$max": {"received": seq, "read": seq}, "$set": {"readAt": now}},
+            )
 
     @asynccontextmanager
     async def _group_lock(self, group_id: str) -> AsyncIterator[None]:
@@ -174,13 +188,21 @@ class GroupService:
                 del self._lock_users[group_id]
                 del self._locks[group_id]
 
-    async def _announce(self, group: dict[str, Any], operator: str, event: str, members: list[str],
-                        content: str, recipients: list[str]) -> None:
+    async def _announce(
+        self, group: dict[str, Any], operator: str, event: str, members: list[str], content: str
+    ) -> None:
         fields = {
-            "channel": "gm", "from": operator, "group": group["_id"], "groupType": group["groupType"],
-            "contentType": 1, "content": content, "event": event, "members": members,
+            "channel": "gm",
+            "from": operator,
+            "group": group["_id"],
+            "groupType": group["groupType"],
+            "contentType": 1,
+            "content": content,
+            "event": event,
+            "members": members,
         }
-        draft = Draft(ConversationRef.gm(group["_id"]), fields, recipients, None)
+        ref = ConversationRef.gm(group["_id"])
+        draft = Draft(ref, fields, recipients_of(ref, fields, group["members"]), None)
         await self._messages.send(draft)
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -29,10 +29,10 @@ from models.batching import ENCODING_ERRORS, BatchedInserts
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
-from models.errors import ClientMsgIdReused, DatabaseUnavailable, Forbidden, InvalidBody, InvalidField
-from models.groups import GroupStore, NotAMember
+from models.errors import ClientMsgIdReused, DatabaseUnavailable, InvalidBody, InvalidField, NotAMember
+from models.groups import GroupStore
 from models.inflight import InFlight
-from models.principal import Principal
+from models.principal import Principal, require_own_user
 from models.recent import RecentIds
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,29 @@ SEQ_CACHE_SIZE = 100_000
 DATABASE_DOWN_HOLD_SECS = 1.0
 # Stored field order for the wire; `conv` and `_id` are internal.
 WIRE_FIELDS = (
-    "channel", "from", "to", "group", "groupType", "at", "title", "summary", "contentType",
-    "content", "seq", "createdAt", "clientMsgId", "event", "consultationId", "doctor",
-    "patient", "members",
+    "channel",
+    "from",
+    "to",
+    "group",
+    "groupType",
+    "at",
+    "title",
+    "summary",
+    "contentType",
+    "content",
+    "seq",
+    "createdAt",
+    "clientMsgId",
+    "event",
+    "consultationId",
+    "doctor",
+    "patient",
+    "members",
 )
 # What makes a repeated send the same request; `from` and `channel` are part of the key itself.
 SAME_REQUEST_FIELDS = ("to", "group", "at", "title", "summary", "contentType", "content")
+# The group event whose removed members still receive it (models/membership.py sends it).
+EVENT_MEMBER_REMOVED = "group.member_removed"
 
 
 def message_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,11 +81,29 @@ def message_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
     return wire
 
 
+def recipients_of(ref: ConversationRef, message: Mapping[str, Any], group_members: Sequence[str] = ()) -> list[str]:
+    """Who receives a message, about to be stored (a Draft) or stored by another process (fan-out).
+
+    pm: the conversation's pair, not from/to (a staff operator sends consultation events for the
+    pair); sm: its `to`; gm: the group's members, plus for group.member_removed the members it
+    removed (they hear of it, then nothing more from the group).
+    """
+    if ref.channel == "pm":
+        return ref.pm_pair()
+    if ref.channel == "sm":
+        return [message["to"]]
+    recipients = list(group_members)
+    if message.get("event") == EVENT_MEMBER_REMOVED:
+        recipients += message.get("members", [])
+    return recipients
+
+
 class Publisher(Protocol):
     """Delivers a stored message to live sockets (the hub)."""
 
-    def publish_message(self, ref: ConversationRef, message: dict[str, Any],
-                        recipients: list[str], origin: object | None) -> None: ...
+    def publish_message(
+        self, ref: ConversationRef, message: dict[str, Any], recipients: list[str], origin: object | None
+    ) -> None: ...
 
 
 @dataclasses.dataclass
@@ -86,8 +121,16 @@ class FileChecker(Protocol):
 
 
 class MessageService:
-    def __init__(self, db: Database, write_concern: WriteConcern, conversations: ConversationStore,
-                 groups: GroupStore, publisher: Publisher, files: FileChecker, max_content_chars: int):
+    def __init__(
+        self,
+        db: Database,
+        write_concern: WriteConcern,
+        conversations: ConversationStore,
+        groups: GroupStore,
+        publisher: Publisher,
+        files: FileChecker,
+        max_content_chars: int,
+    ):
         self._db = db
         self._collections = {ch: db.get_collection(ch, write_concern=write_concern) for ch in ("sm", "pm", "gm")}
         self._inserts = {ch: BatchedInserts(collection) for ch, collection in self._collections.items()}
@@ -124,8 +167,9 @@ class MessageService:
             raise InvalidField("to", "must differ from the sender")
         fields: dict[str, Any] = {"channel": "pm", "from": sender, "to": to}
         await self._check_content(fields, data, sender)
-        pair = sorted({sender, to})
-        return Draft(ConversationRef.pm(sender, to), fields, pair, pair)
+        ref = ConversationRef.pm(sender, to)
+        pair = recipients_of(ref, fields)
+        return Draft(ref, fields, pair, pair)
 
     async def draft_gm(self, principal: Principal, data: Mapping[str, Any]) -> Draft:
         sender = v.optional_id(data, "from") or principal.user_id
@@ -149,7 +193,8 @@ class MessageService:
             fields["at"] = mentioned
         # Keep the original field order of the wire format.
         ordered = {k: fields[k] for k in WIRE_FIELDS if k in fields}
-        return Draft(ConversationRef.gm(group_id), ordered, list(group["members"]), None)
+        ref = ConversationRef.gm(group_id)
+        return Draft(ref, ordered, recipients_of(ref, ordered, group["members"]), None)
 
     async def draft_sm(self, principal: Principal, data: Mapping[str, Any]) -> Draft:
         principal.require_staff("send system messages")
@@ -158,7 +203,9 @@ class MessageService:
         fields["title"] = v.parse_text(data, "title", max_chars=v.MAX_TITLE_CHARS)
         fields["summary"] = v.parse_text(data, "summary", max_chars=v.MAX_SUMMARY_CHARS, required=False) or ""
         await self._check_content(fields, data, principal.user_id)
-        return Draft(ConversationRef.sm(to), fields, [to], [to])
+        ref = ConversationRef.sm(to)
+        recipient = recipients_of(ref, fields)
+        return Draft(ref, fields, recipient, recipient)
 
     # ---- storing ------------------------------------------------------------------------------
 
@@ -185,8 +232,7 @@ class MessageService:
             self._check_database()
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
-                doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields,
-                       "seq": seq, "createdAt": utcnow()}
+                doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields, "seq": seq, "createdAt": utcnow()}
                 try:
                     await inserts.insert(doc)
                 except DuplicateKeyError:
@@ -263,8 +309,7 @@ class MessageService:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    async def list_messages(self, principal: Principal, channel: str,
-                            query: Mapping[str, str]) -> dict[str, Any]:
+    async def list_messages(self, principal: Principal, channel: str, query: Mapping[str, str]) -> dict[str, Any]:
         """A page of messages, oldest first: {"messages": [...], "next": cursor or None}."""
         limit = parse_limit(query.get("limit"))
         created = _created_at_filter(query)
@@ -277,11 +322,7 @@ class MessageService:
             await self._groups.get_as_member(group_id, principal)
             ref = ConversationRef.gm(group_id)
         else:
-            user = v.check_id(query.get("user_id"), "user_id") if "user_id" in query else None
-            if user is None:
-                raise InvalidField("user_id", "is required")
-            if not principal.is_staff and user != principal.user_id:
-                raise Forbidden("user_id: you may only read your own conversations")
+            user = require_own_user(principal, query)
             if channel == "sm":
                 ref = ConversationRef.sm(user)
             elif "peer" in query:
@@ -297,8 +338,9 @@ class MessageService:
                 raise InvalidField(bound, "needs one conversation: give peer")
         return await self._page_across(convs, query.get("cursor"), limit, created)
 
-    async def _page_of_conversation(self, ref: ConversationRef, query: Mapping[str, str],
-                                    limit: int, created: dict[str, datetime.datetime]) -> dict[str, Any]:
+    async def _page_of_conversation(
+        self, ref: ConversationRef, query: Mapping[str, str], limit: int, created: dict[str, datetime.datetime]
+    ) -> dict[str, Any]:
         after = _optional_seq(query, "after")
         before = _optional_seq(query, "before")
         cursor = query.get("cursor")
@@ -319,8 +361,9 @@ class MessageService:
         if seq_filter:
             filter_["seq"] = seq_filter
         backwards = before is not None and after is None
-        docs = await self._find_page(ref.channel, filter_, "seq", DESCENDING if backwards else ASCENDING,
-                                     limit + 1, created)
+        docs = await self._find_page(
+            ref.channel, filter_, "seq", DESCENDING if backwards else ASCENDING, limit + 1, created
+        )
         more = len(docs) > limit
         docs = docs[:limit]
         if backwards:
@@ -330,8 +373,9 @@ class MessageService:
             next_cursor = f"b{docs[0]['seq']}" if backwards else f"a{docs[-1]['seq']}"
         return {"messages": [message_to_wire(d) for d in docs], "next": next_cursor}
 
-    async def _page_across(self, convs: list[str], cursor: str | None, limit: int,
-                           created: dict[str, datetime.datetime]) -> dict[str, Any]:
+    async def _page_across(
+        self, convs: list[str], cursor: str | None, limit: int, created: dict[str, datetime.datetime]
+    ) -> dict[str, Any]:
         """Several conversations at once, ordered by id (ids grow with time)."""
         filter_: dict[str, Any] = {"conv": {"$in": convs}}
         if cursor is not None:
@@ -343,11 +387,20 @@ class MessageService:
         docs = await self._find_page("pm", filter_, "_id", ASCENDING, limit + 1, created)
         more = len(docs) > limit
         docs = docs[:limit]
-        return {"messages": [message_to_wire(d) for d in docs],
-                "next": f"i{docs[-1]['_id']}" if more and docs else None}
+        return {
+            "messages": [message_to_wire(d) for d in docs],
+            "next": f"i{docs[-1]['_id']}" if more and docs else None,
+        }
 
-    async def _find_page(self, channel: str, filter_: dict[str, Any], order: str, direction: int,
-                         count: int, created: dict[str, datetime.datetime]) -> list[dict[str, Any]]:
+    async def _find_page(
+        self,
+        channel: str,
+        filter_: dict[str, Any],
+        order: str,
+        direction: int,
+        count: int,
+        created: dict[str, datetime.datetime],
+    ) -> list[dict[str, Any]]:
         """Up to count documents in order, within the since/until window when one is given.
 
         nx-27017 compares dates at whole seconds (SQLite's datetime() drops the fraction), so the

@@ -84,12 +84,12 @@ class Presence:
         self._idle.set()
 
     async def _store(self, user_id: str, online: bool) -> None:
-        change = {"$addToSet": {"onlineOn": self.instance_id}} if online \
-            else {"$pull": {"onlineOn": self.instance_id}}
+        change = {"$addToSet": {"onlineOn": self.instance_id}} if online else {"$pull": {"onlineOn": self.instance_id}}
         offline_since = None if online else self._offline_since.get(user_id)
         try:
             await self._presence.update_one(
-                {"_id": user_id}, {**change, "$set": {"lastSeen": offline_since or utcnow()}}, upsert=True)
+                {"_id": user_id}, {**change, "$set": {"lastSeen": offline_since or utcnow()}}, upsert=True
+            )
         except PyMongoError as exc:  # presence is best effort; it never fails a connection
             log.warning("could not store presence of %s: %s", user_id, exc)
             return  # the time stays in memory: lastSeen is still answered
@@ -104,8 +104,7 @@ class Presence:
     async def _beat(self) -> None:
         while True:
             try:
-                await self._instances.update_one({"_id": self.instance_id}, {"$set": {"beatAt": utcnow()}},
-                                                 upsert=True)
+                await self._instances.update_one({"_id": self.instance_id}, {"$set": {"beatAt": utcnow()}}, upsert=True)
             except PyMongoError as exc:
                 log.warning("presence heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_INTERVAL_SECS)
@@ -144,8 +143,11 @@ class Presence:
         me = principal.user_id
         if principal.is_staff or principal.role == "doctor" or me == user_id:
             return
-        if await self._both_wrote(me, user_id) or await self._share_consultation(me, user_id) \
-                or await self._share_group(me, user_id):
+        if (
+            await self._both_wrote(me, user_id)
+            or await self._share_consultation(me, user_id)
+            or await self._share_group(me, user_id)
+        ):
             return
         raise Forbidden("you may only see the presence of people you share a conversation with")
 
@@ -158,7 +160,8 @@ class Presence:
 
     async def _share_consultation(self, a: str, b: str) -> bool:
         found = await self._db.consultations.find_one(
-            {"$or": [{"doctor": a, "patient": b}, {"doctor": b, "patient": a}]}, {"_id": 1})
+            {"$or": [{"doctor": a, "patient": b}, {"doctor": b, "patient": a}]}, {"_id": 1}
+        )
         return found is not None
 
     async def _share_group(self, a: str, b: str) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
-from models.errors import Forbidden
+from models.errors import Forbidden, InvalidField
+from models.validation import check_id
 
 ROLES = ("doctor", "patient", "service", "admin")
 STAFF_ROLES = frozenset({"service", "admin"})
@@ -30,3 +32,13 @@ class Principal:
         """A doctor or patient acts only as itself; staff may act for anyone."""
         if not self.is_staff and user_id != self.user_id:
             raise Forbidden(f"{field} must be the token's own user")
+
+
+def require_own_user(principal: Principal, query: Mapping[str, object], field: str = "user_id") -> str:
+    """The user a read is about (query[field]): required, a valid id, and the caller itself unless
+    the caller is staff (a doctor or patient reads only its own conversations, consultations, groups)."""
+    if field not in query:
+        raise InvalidField(field, "is required")
+    user = check_id(query[field], field)
+    principal.require_self_or_staff(user, field)
+    return user

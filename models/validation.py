@@ -128,8 +128,9 @@ def parse_id_list(value: object, field: str, *, max_items: int, allow_single: bo
     return list(dict.fromkeys(ids))
 
 
-def parse_int(value: object, field: str, *, minimum: int = 0, maximum: int = MAX_SEQ,
-              allow_numeric_string: bool = False) -> int:
+def parse_int(
+    value: object, field: str, *, minimum: int = 0, maximum: int = MAX_SEQ, allow_numeric_string: bool = False
+) -> int:
     """An integer in range; bools are not integers here; "3" only where the contract allows it."""
     if allow_numeric_string and isinstance(value, str) and re.fullmatch(r"[0-9]{1,16}", value):
         value = int(value)
@@ -167,8 +168,9 @@ def is_http_url(value: str) -> bool:
     or RFC 3986-excluded characters anywhere. Non-ASCII letters may stay (browsers accept IRIs)."""
     if _URL_FORBIDDEN_ASCII_RE.search(value):
         return False
-    if not value.isascii() and any(unicodedata.category(char) in _URL_FORBIDDEN_CATEGORIES
-                                   for char in value if not char.isascii()):
+    if not value.isascii() and any(
+        unicodedata.category(char) in _URL_FORBIDDEN_CATEGORIES for char in value if not char.isascii()
+    ):
         return False
     try:
         parts = urlsplit(value)
@@ -176,8 +178,13 @@ def is_http_url(value: str) -> bool:
     except ValueError:
         return False
     # No userinfo: "https://clinic.example@evil.example/" shows one host and opens another.
-    return (parts.scheme in ("http", "https") and value[len(parts.scheme):].startswith("://")
-            and bool(parts.hostname) and "@" not in parts.netloc and port != 0)
+    return (
+        parts.scheme in ("http", "https")
+        and value[len(parts.scheme) :].startswith("://")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and port != 0
+    )
 
 
 def parse_content(data: Mapping[str, Any], max_chars: int) -> tuple[int, str]:

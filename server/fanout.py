@@ -27,8 +27,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from models.conversations import ConversationRef
 from models.database import Database
 from models.groups import GroupStore
-from models.membership import EVENT_MEMBER_REMOVED
-from models.messages import message_to_wire
+from models.messages import message_to_wire, recipients_of
 from models.recent import RecentIds
 from server.db import MESSAGE_COLLECTIONS
 from server.hub import Hub
@@ -85,8 +84,13 @@ class JustStored:
 class PollPacer:
     """How long a follower waits before asking again a server that answered an empty batch at once."""
 
-    def __init__(self, busy_secs: float = BUSY_POLL_SECS, max_secs: float = QUIET_POLL_MAX_SECS,
-                 hold_secs: float = BUSY_HOLD_SECS, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        busy_secs: float = BUSY_POLL_SECS,
+        max_secs: float = QUIET_POLL_MAX_SECS,
+        hold_secs: float = BUSY_HOLD_SECS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._busy_secs = busy_secs
         self._max_secs = max_secs
         self._hold_secs = hold_secs
@@ -122,9 +126,11 @@ async def change_streams_supported(db: Database) -> bool:
         async with await db[MESSAGE_COLLECTIONS[0]].watch():
             return True
     except OperationFailure as exc:
-        log.warning("change streams unavailable (%s): delivering to this process's sockets only. "
-                    "Run MongoDB as a replica set to share the load among several processes.",
-                    exc.details.get("errmsg", exc) if exc.details else exc)
+        log.warning(
+            "change streams unavailable (%s): delivering to this process's sockets only. "
+            "Run MongoDB as a replica set to share the load among several processes.",
+            exc.details.get("errmsg", exc) if exc.details else exc,
+        )
         return False
 
 
@@ -159,8 +165,9 @@ class ChangeStreamFanout:
         pipeline = [{"$match": {"operationType": "insert"}}]
         while not self._stopping:
             try:
-                async with await self._db[collection].watch(pipeline, resume_after=resume_token,
-                                                            max_await_time_ms=SERVER_AWAIT_MS) as stream:
+                async with await self._db[collection].watch(
+                    pipeline, resume_after=resume_token, max_await_time_ms=SERVER_AWAIT_MS
+                ) as stream:
                     backoff = 0.1
                     while not self._stopping:
                         asked = time.monotonic()
@@ -189,15 +196,11 @@ class ChangeStreamFanout:
             # nx-27017 hands dates in change events over as extended JSON; MongoDB as datetimes.
             doc["createdAt"] = datetime.datetime.fromisoformat(created["$date"]).replace(tzinfo=datetime.UTC)
         ref = ConversationRef(channel, doc["conv"])
-        if channel == "pm":
-            recipients = ref.pm_pair()  # not from/to: an operator may send a consultation event
-        elif channel == "sm":
-            recipients = [doc["to"]]
-        else:
+        members: list[str] = []
+        if channel == "gm":
             group = await self._groups.find(doc["group"])
-            recipients = list(group["members"]) if group else []
-            if doc.get("event") == EVENT_MEMBER_REMOVED:
-                recipients += doc.get("members", [])
+            members = group["members"] if group else []
+        recipients = recipients_of(ref, doc, members)
         # Noted before publishing: a socket registered too late for the publish finds it in its
         # backlog even if the storing process has not written the conversation summary yet.
         self.just_stored.note(ref, doc["seq"], recipients)

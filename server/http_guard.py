@@ -21,7 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from models.errors import error_envelope
+from models.errors import HeadersTooLarge, error_body
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,11 @@ SECURITY_HEADERS = {
 }
 # The demo pages load only same-origin scripts and styles, show images and voice notes from http(s)
 # URLs in messages, and open a WebSocket to their own origin's /ws.
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' http: https: data:; "
-            "media-src 'self' http: https:; connect-src 'self' ws: wss:; object-src 'none'; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' http: https: data:; "
+    "media-src 'self' http: https:; connect-src 'self' ws: wss:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # Everything else (JSON, scripts, uploaded files) is never a document that may run or load anything.
 RESOURCE_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
@@ -58,21 +60,23 @@ def content_security_policy(content_type: str) -> str:
 
 def headers_too_large_answer(max_header_bytes: int) -> bytes:
     """The whole 431 response, written before the connection closes (Tornado would just drop it)."""
-    body = json.dumps(error_envelope("headers_too_large",
-                                     f"request headers: larger than {max_header_bytes} bytes")).encode()
-    lines = ["HTTP/1.1 431 Request Header Fields Too Large",
-             "Content-Type: application/json; charset=UTF-8",
-             f"Content-Length: {len(body)}",
-             "Connection: close",
-             "Cache-Control: no-store",
-             f"Content-Security-Policy: {RESOURCE_CSP}",
-             *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items()),
-             f"Server: {SERVER_NAME}"]
+    # The envelope of every other answer (handlers/errors.py renders the same error_body); written
+    # here because no handler runs for a request whose headers never finished.
+    body = json.dumps(error_body(HeadersTooLarge(f"request headers: larger than {max_header_bytes} bytes"))).encode()
+    lines = [
+        "HTTP/1.1 431 Request Header Fields Too Large",
+        "Content-Type: application/json; charset=UTF-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        f"Content-Security-Policy: {RESOURCE_CSP}",
+        *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items()),
+        f"Server: {SERVER_NAME}",
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def close_lingering(sock: socket.socket, linger_secs: float = LINGER_SECS,
-                    max_bytes: int = LINGER_MAX_BYTES) -> None:
+def close_lingering(sock: socket.socket, linger_secs: float = LINGER_SECS, max_bytes: int = LINGER_MAX_BYTES) -> None:
     """Half-close, then read and drop what the peer still sends until it closes, max_bytes or
     linger_secs, and only then close: the peer reads our last answer instead of a reset."""
     io_loop = IOLoop.current()
@@ -155,8 +159,9 @@ class GuardedIOStream(IOStream):
 class GuardedHTTPServer(HTTPServer):
     """HTTPServer with a cap on open HTTP connections (upgraded WebSockets leave the count)."""
 
-    def initialize(self, *args: Any, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                   headers_too_large: bytes = b"", **kwargs: Any) -> None:
+    def initialize(
+        self, *args: Any, max_connections: int = DEFAULT_MAX_CONNECTIONS, headers_too_large: bytes = b"", **kwargs: Any
+    ) -> None:
         super().initialize(*args, **kwargs)
         self._max_connections = max_connections
         self._headers_too_large = headers_too_large
@@ -183,14 +188,21 @@ class GuardedHTTPServer(HTTPServer):
             now = time.monotonic()
             if now - self._cap_warned_at >= CAP_WARNING_INTERVAL_SECS:
                 self._cap_warned_at = now
-                log.warning("%d HTTP connections open (the [http] max_connections cap): closing new ones "
-                            "(%d so far)", self._open_connections, self._refused_connections)
+                log.warning(
+                    "%d HTTP connections open (the [http] max_connections cap): closing new ones (%d so far)",
+                    self._open_connections,
+                    self._refused_connections,
+                )
             stream.close()
             return
         # TCPServer built a plain IOStream that has not read or registered anything yet; serve the
         # socket through a GuardedIOStream instead.
-        guarded = GuardedIOStream(stream.socket, self._headers_too_large, max_buffer_size=stream.max_buffer_size,
-                                  read_chunk_size=stream.read_chunk_size)
+        guarded = GuardedIOStream(
+            stream.socket,
+            self._headers_too_large,
+            max_buffer_size=stream.max_buffer_size,
+            read_chunk_size=stream.read_chunk_size,
+        )
         self._open_connections += 1
         self._accepted_connections += 1
         super().handle_stream(guarded, address)
