@@ -80,8 +80,9 @@ class Setup:
         self.b = None
 
 
-async def one(stack: Stack, setup: Setup, doctors: list[str], patients: list[str], messages: int,
-              concurrency: int, warmup: int) -> dict[str, Any]:
+async def one(
+    stack: Stack, setup: Setup, doctors: list[str], patients: list[str], messages: int, concurrency: int, warmup: int
+) -> dict[str, Any]:
     setup.start()
     try:
         receivers = Receivers()
@@ -93,10 +94,12 @@ async def one(stack: Stack, setup: Setup, doctors: list[str], patients: list[str
         try:
             kw: dict[str, Any] = {"post_base_url": setup.b_url, "cpu_extra": setup.extra_procs()}
             if warmup:
-                await run_once(stack, receivers, doctors, patients, warmup, concurrency,
-                               f"cl-{setup.name}-{setup.run}-warm", **kw)
-            res = await run_once(stack, receivers, doctors, patients, messages, concurrency,
-                                 f"cl-{setup.name}-{setup.run}", **kw)
+                await run_once(
+                    stack, receivers, doctors, patients, warmup, concurrency, f"cl-{setup.name}-{setup.run}-warm", **kw
+                )
+            res = await run_once(
+                stack, receivers, doctors, patients, messages, concurrency, f"cl-{setup.name}-{setup.run}", **kw
+            )
         finally:
             await receivers.close()
         res["duplicates"] = receivers.duplicates
@@ -107,9 +110,17 @@ async def one(stack: Stack, setup: Setup, doctors: list[str], patients: list[str
         setup.stop()
 
 
-async def scenario(stack: Stack, repeats: int, *, doctors: int = 10, patients: int = 100,
-                   messages: int = 1000, concurrency: int = 64, warmup: int = 200,
-                   setups: tuple[str, ...] = SETUPS) -> list[dict[str, Any]]:
+async def scenario(
+    stack: Stack,
+    repeats: int,
+    *,
+    doctors: int = 10,
+    patients: int = 100,
+    messages: int = 1000,
+    concurrency: int = 64,
+    warmup: int = 200,
+    setups: tuple[str, ...] = SETUPS,
+) -> list[dict[str, Any]]:
     """One result per repeat, with the figures of every set-up prefixed by its name ("2p-auto.msgs_per_s")."""
     doctor_ids = [f"cl-doc-{i}" for i in range(doctors)]
     patient_ids = [f"cl-pat-{i}" for i in range(patients)]
@@ -120,10 +131,26 @@ async def scenario(stack: Stack, repeats: int, *, doctors: int = 10, patients: i
             t0 = time.monotonic()
             res = await one(stack, Setup(stack, name, r), doctor_ids, patient_ids, messages, concurrency, warmup)
             print(f"  cluster run {r + 1} {name} ({time.monotonic() - t0:.0f} s): {json.dumps(res)}", flush=True)
-            for key in ("msgs_per_s", "posts_per_s", "lat_p50_ms", "lat_p95_ms", "lat_p99_ms", "lat_max_ms",
-                        "delivered", "lost", "duplicates", "errors", "fanout_started",
-                        "cpu_server_s", "cpu_server_b_s", "cpu_nx_s", "cpu_loadgen_s",
-                        "idle_cpu_server_pct", "idle_cpu_server_b_pct", "idle_cpu_nx_pct"):
+            for key in (
+                "msgs_per_s",
+                "posts_per_s",
+                "lat_p50_ms",
+                "lat_p95_ms",
+                "lat_p99_ms",
+                "lat_max_ms",
+                "delivered",
+                "lost",
+                "duplicates",
+                "errors",
+                "fanout_started",
+                "cpu_server_s",
+                "cpu_server_b_s",
+                "cpu_nx_s",
+                "cpu_loadgen_s",
+                "idle_cpu_server_pct",
+                "idle_cpu_server_b_pct",
+                "idle_cpu_nx_pct",
+            ):
                 if key in res:
                     flat[f"{name}.{key}"] = res[key]
         flat.update({"doctors": doctors, "patients": patients, "concurrency": concurrency, "messages": messages})
@@ -141,9 +168,17 @@ def main() -> None:
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ",".join(SETUPS))
     args = parser.parse_args()
     with Stack("cluster") as stack:
-        asyncio.run(scenario(stack, args.repeats, doctors=args.doctors, patients=args.patients,
-                             messages=args.messages, concurrency=args.concurrency,
-                             setups=tuple(s for s in args.setups.split(",") if s)))
+        asyncio.run(
+            scenario(
+                stack,
+                args.repeats,
+                doctors=args.doctors,
+                patients=args.patients,
+                messages=args.messages,
+                concurrency=args.concurrency,
+                setups=tuple(s for s in args.setups.split(",") if s),
+            )
+        )
 
 
 if __name__ == "__main__":

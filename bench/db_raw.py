@@ -20,8 +20,16 @@ from bench.harness import CpuMeter, Stack, latency_figures
 
 
 def _doc(i: int) -> dict[str, Any]:
-    return {"_id": str(ObjectId()), "conv": f"5:bench|peer{i % 100}", "channel": "pm", "from": "a",
-            "to": "b", "contentType": 1, "content": f"raw {i}", "seq": i + 1}
+    return {
+        "_id": str(ObjectId()),
+        "conv": f"5:bench|peer{i % 100}",
+        "channel": "pm",
+        "from": "a",
+        "to": "b",
+        "contentType": 1,
+        "content": f"raw {i}",
+        "seq": i + 1,
+    }
 
 
 def sequential(stack: Stack, ops: int) -> dict[str, Any]:
@@ -91,8 +99,10 @@ async def concurrent(stack: Stack, ops: int, in_flight: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(in_flight)))
             wall = time.perf_counter() - t0
-        return {f"insert_j_x{in_flight}_ops_per_s": round(ops / wall, 1),
-                f"insert_j_x{in_flight}_cpu_nx_pct": cpu.summary()["cpu_nx_pct"]}
+        return {
+            f"insert_j_x{in_flight}_ops_per_s": round(ops / wall, 1),
+            f"insert_j_x{in_flight}_cpu_nx_pct": cpu.summary()["cpu_nx_pct"],
+        }
     finally:
         await client.drop_database(stack.db_name + "_rawc")
         await client.close()

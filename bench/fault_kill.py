@@ -45,8 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.auth import mint_token  # noqa: E402
-from tests.conftest import MongoProcess, free_port  # noqa: E402
-from tests.processes import ServerProcess, wait_until_serving  # noqa: E402
+from tests.processes import MongoProcess, ServerProcess, free_port, wait_until_serving  # noqa: E402
 
 TEST_SECRET = "test-secret-0123456789abcdef0123456789"  # conf/test.toml
 DOCTOR = "Rose"
@@ -114,8 +113,12 @@ class LiveClient:
                     if message["id"] in self.received:
                         self.report.duplicate_frames_dropped += 1
                     self.received[message["id"]] = message
-                    marker = {"type": "received", "channel": "pm", "peer": message["from"]
-                              if message["from"] != self.user else message["to"], "seq": message["seq"]}
+                    marker = {
+                        "type": "received",
+                        "channel": "pm",
+                        "peer": message["from"] if message["from"] != self.user else message["to"],
+                        "seq": message["seq"],
+                    }
                     await conn.send(json.dumps(marker))
                 elif frame["type"] in ("ack", "error") and frame.get("clientMsgId") in self.acks:
                     future = self.acks.pop(frame["clientMsgId"])
@@ -143,8 +146,11 @@ class LiveClient:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # lost ones are retried
             self.acks[client_msg_id] = future
             try:
-                await conn.send(json.dumps({"type": "pm", "to": to, "contentType": 1, "content": content,
-                                            "clientMsgId": client_msg_id}))
+                await conn.send(
+                    json.dumps(
+                        {"type": "pm", "to": to, "contentType": 1, "content": content, "clientMsgId": client_msg_id}
+                    )
+                )
                 reply = await asyncio.wait_for(future, ACK_TIMEOUT_SECS)
             except (ConnectionClosed, ConnectionError, TimeoutError):
                 self.acks.pop(client_msg_id, None)
@@ -162,26 +168,33 @@ class LiveClient:
                 await self._reader
 
 
-async def rest_send(http: AsyncHTTPClient, base_url: str, token: str, to: str, client_msg_id: str,
-                    content: str, report: Report) -> dict[str, Any]:
-    body = json.dumps({"from": DOCTOR, "to": to, "contentType": 1, "content": content,
-                       "clientMsgId": client_msg_id})
+async def rest_send(
+    http: AsyncHTTPClient, base_url: str, token: str, to: str, client_msg_id: str, content: str, report: Report
+) -> dict[str, Any]:
+    body = json.dumps({"from": DOCTOR, "to": to, "contentType": 1, "content": content, "clientMsgId": client_msg_id})
     first = True
     while True:
         if not first:
             report.send_retries += 1
         first = False
         try:
-            response = await http.fetch(HTTPRequest(base_url + "/api/v1/chats/pm", method="POST", body=body,
-                                                     headers={"Authorization": f"Bearer {token}"},
-                                                     request_timeout=ACK_TIMEOUT_SECS))
+            response = await http.fetch(
+                HTTPRequest(
+                    base_url + "/api/v1/chats/pm",
+                    method="POST",
+                    body=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                    request_timeout=ACK_TIMEOUT_SECS,
+                )
+            )
             return json.loads(response.body)  # type: ignore[no-any-return]
         except (HTTPClientError, OSError, TimeoutError):
             await asyncio.sleep(RETRY_PAUSE_SECS)
 
 
-async def run_scenario(mongo_uri: str, db_name: str, log_path: Path, *, duration_secs: float,
-                       kill_every_secs: float, patients: int) -> Report:
+async def run_scenario(
+    mongo_uri: str, db_name: str, log_path: Path, *, duration_secs: float, kill_every_secs: float, patients: int
+) -> Report:
     """The whole scenario against a database that is already running; returns the report."""
     report = Report()
     port = free_port()
@@ -212,8 +225,9 @@ async def run_scenario(mongo_uri: str, db_name: str, log_path: Path, *, duration
             k += 1
             cid = f"{DOCTOR}-{k}"
             attempted.add(cid)
-            acked[cid] = await rest_send(http, base_url, doctor_token, names[k % patients], cid,
-                                         f"to {names[k % patients]} #{k}", report)
+            acked[cid] = await rest_send(
+                http, base_url, doctor_token, names[k % patients], cid, f"to {names[k % patients]} #{k}", report
+            )
 
     async def killer() -> None:
         while time.monotonic() + kill_every_secs < stop_at:
@@ -245,8 +259,15 @@ async def run_scenario(mongo_uri: str, db_name: str, log_path: Path, *, duration
     return report
 
 
-def verify(report: Report, mongo_uri: str, db_name: str, attempted: set[str], acked: dict[str, dict[str, Any]],
-           rose: LiveClient, clients: dict[str, LiveClient]) -> None:
+def verify(
+    report: Report,
+    mongo_uri: str,
+    db_name: str,
+    attempted: set[str],
+    acked: dict[str, dict[str, Any]],
+    rose: LiveClient,
+    clients: dict[str, LiveClient],
+) -> None:
     db: Any = MongoClient(mongo_uri)[db_name]
     try:
         docs = list(db.pm.find({}, {"conv": 1, "seq": 1, "from": 1, "to": 1, "clientMsgId": 1}))
@@ -277,9 +298,14 @@ def verify(report: Report, mongo_uri: str, db_name: str, attempted: set[str], ac
             report.delivered += 1
         else:
             report.not_delivered += 1
-    for name, value in [("stored_twice", report.stored_twice), ("acked_but_missing", report.acked_but_missing),
-                        ("ack_id_mismatch", report.ack_id_mismatch), ("seq_gaps", report.seq_gaps),
-                        ("not_delivered", report.not_delivered), ("unexpected_stored", len(unexpected))]:
+    for name, value in [
+        ("stored_twice", report.stored_twice),
+        ("acked_but_missing", report.acked_but_missing),
+        ("ack_id_mismatch", report.ack_id_mismatch),
+        ("seq_gaps", report.seq_gaps),
+        ("not_delivered", report.not_delivered),
+        ("unexpected_stored", len(unexpected)),
+    ]:
         if value:
             report.problems.append(f"{name}: {value}")
     if report.acknowledged != report.sends_attempted:
@@ -297,9 +323,16 @@ def main() -> int:
         mongo = MongoProcess(Path(tmp) / "mongo")
         mongo.start()
         try:
-            report = asyncio.run(run_scenario(mongo.uri, f"fk_{uuid.uuid4().hex[:8]}", Path(tmp) / "server.log",
-                                              duration_secs=args.duration, kill_every_secs=args.kill_every,
-                                              patients=args.patients))
+            report = asyncio.run(
+                run_scenario(
+                    mongo.uri,
+                    f"fk_{uuid.uuid4().hex[:8]}",
+                    Path(tmp) / "server.log",
+                    duration_secs=args.duration,
+                    kill_every_secs=args.kill_every,
+                    patients=args.patients,
+                )
+            )
         finally:
             mongo.stop()
     summary = {k: v for k, v in dataclasses.asdict(report).items()}

@@ -103,10 +103,23 @@ class Stack:
         data = self.tmp / "nx"
         data.mkdir()
         exe = shutil.which("nx-27017", path=str(Path(PYTHON).parent)) or "nx-27017"
-        cmd = [exe, "--host", "127.0.0.1", "--port", str(self.mongo_port), "--data-dir", str(data),
-               "--log-file", str(self.tmp / "nx.log"), "--pid-file", str(self.tmp / "nx.pid")]
-        self.nx = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "nx.err", "wb"),
-                                   preexec_fn=_child_setup, cwd=self.tmp)
+        cmd = [
+            exe,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.mongo_port),
+            "--data-dir",
+            str(data),
+            "--log-file",
+            str(self.tmp / "nx.log"),
+            "--pid-file",
+            str(self.tmp / "nx.pid"),
+        ]
+        with open(self.tmp / "nx.err", "wb") as err:  # the child keeps its own copy of the descriptor
+            self.nx = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_child_setup, cwd=self.tmp
+            )
         from pymongo import MongoClient
 
         deadline = time.monotonic() + 30
@@ -124,23 +137,32 @@ class Stack:
             finally:
                 client.close()
 
-    def spawn_server(self, port: int, extra_env: dict[str, str] | None = None,
-                     log_name: str = "server.log") -> subprocess.Popen[bytes]:
+    def spawn_server(
+        self, port: int, extra_env: dict[str, str] | None = None, log_name: str = "server.log"
+    ) -> subprocess.Popen[bytes]:
         """Start one `python run.py` (test profile) on `port` against this Stack's nx-27017 and database."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("IM_")}
-        env.update({
-            "IM_PROFILE": "test",
-            "IM_PORT": str(port),
-            "IM_MONGO_URI": self.mongo_uri,
-            "IM_DB_NAME": self.db_name,
-            "IM_AUTH_SECRET": SECRET,
-            "PYTHONUNBUFFERED": "1",
-            **self.server_env,
-            **(extra_env or {}),
-        })
-        log = open(self.tmp / log_name, "ab")
-        return subprocess.Popen([PYTHON, str(ROOT / "run.py")], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+        env.update(
+            {
+                "IM_PROFILE": "test",
+                "IM_PORT": str(port),
+                "IM_MONGO_URI": self.mongo_uri,
+                "IM_DB_NAME": self.db_name,
+                "IM_AUTH_SECRET": SECRET,
+                "PYTHONUNBUFFERED": "1",
+                **self.server_env,
+                **(extra_env or {}),
+            }
+        )
+        with open(self.tmp / log_name, "ab") as log:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(
+                [PYTHON, str(ROOT / "run.py")],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_child_setup,
+            )
 
     def wait_up(self, proc: subprocess.Popen[bytes], base_url: str, log_name: str = "server.log") -> None:
         deadline = time.monotonic() + 30
@@ -165,11 +187,27 @@ class Stack:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         out = self.profile_dir / f"{self.label}-{name}.txt"
         exe = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or "py-spy"
-        self._spies.append(subprocess.Popen(
-            # nx-27017 with --idle too: its time waiting on SQLite/fsync shows as well as its CPU.
-            [exe, "record", "-p", str(pid), "-r", "97", "--format", "raw", "-o", str(out),
-             *(["--idle"] if name == "nx" else [])],
-            stdout=subprocess.DEVNULL, stderr=open(str(out) + ".log", "wb")))
+        with open(str(out) + ".log", "wb") as err:  # the child keeps its own copy of the descriptor
+            self._spies.append(
+                subprocess.Popen(
+                    # nx-27017 with --idle too: its time waiting on SQLite/fsync shows as well as its CPU.
+                    [
+                        exe,
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-r",
+                        "97",
+                        "--format",
+                        "raw",
+                        "-o",
+                        str(out),
+                        *(["--idle"] if name == "nx" else []),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            )
 
     def _stop_spies(self) -> None:
         for spy in self._spies:
@@ -221,8 +259,9 @@ class Stack:
             return "(no log)"
 
     def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = _http_json(self.base_url + "/api/v1/status",
-                                          {"Authorization": f"Bearer {self._admin}"}, timeout=10)
+        data: dict[str, Any] = _http_json(
+            self.base_url + "/api/v1/status", {"Authorization": f"Bearer {self._admin}"}, timeout=10
+        )
         return data
 
     def wait_sockets(self, count: int, timeout: float = 60.0, exact: bool = True) -> int:
@@ -299,13 +338,14 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def latency_figures(seconds: list[float], prefix: str = "lat") -> dict[str, float]:
-    return {f"{prefix}_p50_ms": round(1000 * percentile(seconds, 50), 1),
-            f"{prefix}_p95_ms": round(1000 * percentile(seconds, 95), 1),
-            f"{prefix}_p99_ms": round(1000 * percentile(seconds, 99), 1),
-            f"{prefix}_max_ms": round(1000 * max(seconds), 1) if seconds else float("nan")}
+    return {
+        f"{prefix}_p50_ms": round(1000 * percentile(seconds, 50), 1),
+        f"{prefix}_p95_ms": round(1000 * percentile(seconds, 95), 1),
+        f"{prefix}_p99_ms": round(1000 * percentile(seconds, 99), 1),
+        f"{prefix}_max_ms": round(1000 * max(seconds), 1) if seconds else float("nan"),
+    }
 
 
 def ws_connect_kwargs() -> dict[str, Any]:
     """websockets client options: no client pings (the server pings), no compression, big frames ok."""
-    return {"ping_interval": None, "compression": None, "max_size": 2**22, "open_timeout": 120,
-            "close_timeout": 5}
+    return {"ping_interval": None, "compression": None, "max_size": 2**22, "open_timeout": 120, "close_timeout": 5}

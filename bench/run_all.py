@@ -30,18 +30,30 @@ from bench.harness import Stack, raise_nofile
 
 SCENARIOS: dict[str, tuple[str, Callable[[Stack, int], list[dict[str, Any]]]]] = {
     "db": ("embedded database alone (raw PyMongo → nx-27017)", lambda st, n: db_raw.scenario(st, n)),
-    "s1": ("REST → WebSocket, 10 doctors → 100 patients, 64 in flight",
-           lambda st, n: asyncio.run(s1_rest_ws.scenario(st, n, messages=2000))),
-    "s2": ("WebSocket → WebSocket, 50 pairs, 2 in flight per patient",
-           lambda st, n: asyncio.run(s2_ws_ws.scenario(st, n, messages=2000))),
-    "s3": ("group fan-out, 500 online members, 30 sequential gm sends per run",
-           lambda st, n: asyncio.run(s3_group.scenario(st, n))),
-    "s4": ("capacity, 10,000 idle sockets, 2 load processes × 100 handshakes in flight",
-           lambda st, n: s4_capacity.scenario(st, n)),
-    "s5": ("reconnect storm, 2,000 clients × 20-message backlog, all at once",
-           lambda st, n: asyncio.run(s5_reconnect.scenario(st, n, timeout=45.0))),
-    "cluster": ("1 vs 2 server processes on one nx-27017 (change streams), s1 load, 1,000 msgs per set-up",
-                lambda st, n: asyncio.run(cluster.scenario(st, n, messages=1000))),
+    "s1": (
+        "REST → WebSocket, 10 doctors → 100 patients, 64 in flight",
+        lambda st, n: asyncio.run(s1_rest_ws.scenario(st, n, messages=2000)),
+    ),
+    "s2": (
+        "WebSocket → WebSocket, 50 pairs, 2 in flight per patient",
+        lambda st, n: asyncio.run(s2_ws_ws.scenario(st, n, messages=2000)),
+    ),
+    "s3": (
+        "group fan-out, 500 online members, 30 sequential gm sends per run",
+        lambda st, n: asyncio.run(s3_group.scenario(st, n)),
+    ),
+    "s4": (
+        "capacity, 10,000 idle sockets, 2 load processes × 100 handshakes in flight",
+        lambda st, n: s4_capacity.scenario(st, n),
+    ),
+    "s5": (
+        "reconnect storm, 2,000 clients × 20-message backlog, all at once",
+        lambda st, n: asyncio.run(s5_reconnect.scenario(st, n, timeout=45.0)),
+    ),
+    "cluster": (
+        "1 vs 2 server processes on one nx-27017 (change streams), s1 load, 1,000 msgs per set-up",
+        lambda st, n: asyncio.run(cluster.scenario(st, n, messages=1000)),
+    ),
 }
 
 # (scenario, figure, comparison, bound, label)
@@ -70,8 +82,10 @@ def median_of(runs: list[dict[str, Any]], key: str) -> Any:
 
 def machine() -> str:
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{platform.node()}: {psutil.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-            f"{mem:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}")
+    return (
+        f"{platform.node()}: {psutil.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"{mem:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def main() -> int:
@@ -90,7 +104,9 @@ def main() -> int:
     report: dict[str, Any] = {
         "command": " ".join([os.path.relpath(sys.executable), "-m", "bench.run_all", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "repeats": args.repeats, "scenarios": {},
+        "machine": machine(),
+        "repeats": args.repeats,
+        "scenarios": {},
     }
     print(f"# {report['date']} — {report['machine']}", flush=True)
     for name in chosen:
@@ -106,8 +122,12 @@ def main() -> int:
             continue
         keys = list(dict.fromkeys(k for r in runs for k in r))
         medians = {k: median_of(runs, k) for k in keys}
-        report["scenarios"][name] = {"title": title, "runs": runs, "median": medians,
-                                     "seconds": round(time.monotonic() - t0, 1)}
+        report["scenarios"][name] = {
+            "title": title,
+            "runs": runs,
+            "median": medians,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
         print(f"  {name} median: {json.dumps(medians)}", flush=True)
 
     print("\n## Targets (medians)")

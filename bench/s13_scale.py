@@ -58,15 +58,33 @@ def seed_doctor(stack: Stack, patients: int, per: int, news: int) -> dict[str, A
             sender, to = (DOCTOR, patient) if seq % 2 else (patient, DOCTOR)
             created = start + datetime.timedelta(seconds=i * per + seq)
             created = created.replace(microsecond=created.microsecond // 1000 * 1000)
-            last = {"_id": f"{i:08x}{seq:016x}", "conv": conv, "channel": "pm", "from": sender, "to": to,
-                    "contentType": 1, "content": f"message {seq} of conversation {i}: 今天感觉怎么样？",
-                    "seq": seq, "createdAt": created}
+            last = {
+                "_id": f"{i:08x}{seq:016x}",
+                "conv": conv,
+                "channel": "pm",
+                "from": sender,
+                "to": to,
+                "contentType": 1,
+                "content": f"message {seq} of conversation {i}: 今天感觉怎么样？",
+                "seq": seq,
+                "createdAt": created,
+            }
             messages.append(last)
-        summaries.append({"_id": f"pm:{conv}", "channel": "pm", "conv": conv, "members": sorted((DOCTOR, patient)),
-                          "lastSeq": per, "lastMessage": last, "updatedAt": last["createdAt"]})
+        summaries.append(
+            {
+                "_id": f"pm:{conv}",
+                "channel": "pm",
+                "conv": conv,
+                "members": sorted((DOCTOR, patient)),
+                "lastSeq": per,
+                "lastMessage": last,
+                "updatedAt": last["createdAt"],
+            }
+        )
         doctor_marker = per - NEWS_PER_CONVERSATION if i < news else per
-        cursors.append({"user": DOCTOR, "channel": "pm", "conv": conv, "received": doctor_marker,
-                        "read": doctor_marker})
+        cursors.append(
+            {"user": DOCTOR, "channel": "pm", "conv": conv, "received": doctor_marker, "read": doctor_marker}
+        )
         cursors.append({"user": patient, "channel": "pm", "conv": conv, "received": per, "read": per})
         if len(messages) >= 20_000:
             db.pm.insert_many(messages)
@@ -75,8 +93,12 @@ def seed_doctor(stack: Stack, patients: int, per: int, news: int) -> dict[str, A
         db.pm.insert_many(messages)
     db.conversations.insert_many(summaries)
     db.cursors.insert_many(cursors)
-    return {"patients": patients, "messages": patients * per, "news_conversations": news,
-            "seed_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "patients": patients,
+        "messages": patients * per,
+        "news_conversations": news,
+        "seed_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def start_seeded(stack: Stack, patients: int, per: int, news: int) -> dict[str, Any]:
@@ -108,8 +130,9 @@ async def send_loop(stack: Stack, stop: asyncio.Event, latencies: list[float], c
         while not stop.is_set():
             n += 1
             t0 = time.perf_counter()
-            async with session.post(url, headers=headers, json={
-                    "from": sender, "to": patient, "contentType": 1, "content": f"m{n}"}) as resp:
+            async with session.post(
+                url, headers=headers, json={"from": sender, "to": patient, "contentType": 1, "content": f"m{n}"}
+            ) as resp:
                 await resp.read()
                 if resp.status != 201:
                     raise RuntimeError(f"send answered {resp.status}")
@@ -117,8 +140,9 @@ async def send_loop(stack: Stack, stop: asyncio.Event, latencies: list[float], c
             await asyncio.sleep(0.01)
 
 
-async def list_loop(stack: Stack, stop: asyncio.Event, latencies: list[float], pages: int,
-                    pause: float) -> dict[str, Any]:
+async def list_loop(
+    stack: Stack, stop: asyncio.Event, latencies: list[float], pages: int, pause: float
+) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token(DOCTOR, 'doctor')}"}
     base = stack.base_url + f"/api/v1/conversations?user_id={DOCTOR}&limit=50"
     seen = 0
@@ -176,10 +200,15 @@ async def part_list(stack: Stack, phase_secs: float, list_pause: float) -> dict[
     await asyncio.gather(*tasks, lister)
     return {
         **latency_figures(first_pages, "first_page"),
-        "all_pages": pages, "all_pages_walk_s": round(walk_s, 2), **latency_figures(alone, "any_page"),
-        "sends_alone_n": len(sends_alone), **latency_figures(sends_alone, "sends_alone"),
-        "sends_during_list_n": len(sends_during), **latency_figures(sends_during, "sends_during_list"),
-        "list_pause_s": list_pause, "lists_during_sends_n": len(lists_during),
+        "all_pages": pages,
+        "all_pages_walk_s": round(walk_s, 2),
+        **latency_figures(alone, "any_page"),
+        "sends_alone_n": len(sends_alone),
+        **latency_figures(sends_alone, "sends_alone"),
+        "sends_during_list_n": len(sends_during),
+        **latency_figures(sends_during, "sends_during_list"),
+        "list_pause_s": list_pause,
+        "lists_during_sends_n": len(lists_during),
         **latency_figures(lists_during, "first_page_during_sends"),
     }
 
@@ -267,9 +296,16 @@ async def _fanout_worker(ws_url: str, users: list[str], pipe: multiprocessing.co
 
 async def part_fanout(stack: Stack, members: int, rounds: int, workers: int) -> dict[str, Any]:
     ids = [f"s13-m{i:05d}" for i in range(members)]
-    stack.mongo().groups.insert_one({
-        "_id": "s13-notice", "name": "clinic notices", "groupType": 0, "members": [DOCTOR, *ids],
-        "createdAt": datetime.datetime.now(datetime.UTC), "createdBy": DOCTOR})
+    stack.mongo().groups.insert_one(
+        {
+            "_id": "s13-notice",
+            "name": "clinic notices",
+            "groupType": 0,
+            "members": [DOCTOR, *ids],
+            "createdAt": datetime.datetime.now(datetime.UTC),
+            "createdBy": DOCTOR,
+        }
+    )
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
     for w in range(workers):
@@ -293,9 +329,17 @@ async def part_fanout(stack: Stack, members: int, rounds: int, workers: int) -> 
             for k in range(-2, rounds):  # two warm-up rounds
                 cid = f"s13-f{k}"
                 t0 = time.perf_counter()
-                async with session.post(stack.base_url + "/api/v1/chats/gm", headers=headers, json={
-                        "from": DOCTOR, "group": "s13-notice", "contentType": 1, "content": f"notice {k}",
-                        "clientMsgId": cid}) as resp:
+                async with session.post(
+                    stack.base_url + "/api/v1/chats/gm",
+                    headers=headers,
+                    json={
+                        "from": DOCTOR,
+                        "group": "s13-notice",
+                        "contentType": 1,
+                        "content": f"notice {k}",
+                        "clientMsgId": cid,
+                    },
+                ) as resp:
                     await resp.read()
                     if resp.status != 201:
                         raise RuntimeError(f"gm send answered {resp.status}")
@@ -314,9 +358,15 @@ async def part_fanout(stack: Stack, members: int, rounds: int, workers: int) -> 
             pipe.send(None)
         for proc in procs:
             proc.join(30)
-    return {"members": members, "rounds": rounds, "workers": workers, "sockets_held": held,
-            "settle_s": settle_s, "lost": lost,
-            **latency_figures(last, "last_member")}
+    return {
+        "members": members,
+        "rounds": rounds,
+        "workers": workers,
+        "sockets_held": held,
+        "settle_s": settle_s,
+        "lost": lost,
+        **latency_figures(last, "last_member"),
+    }
 
 
 def main() -> None:
@@ -326,8 +376,12 @@ def main() -> None:
     parser.add_argument("--messages-per", type=int, default=50)
     parser.add_argument("--news", type=int, default=50)
     parser.add_argument("--phase-secs", type=float, default=8.0)
-    parser.add_argument("--list-pause", type=float, default=0.0,
-                        help="seconds between the doctor's list reads while others send (0: back to back)")
+    parser.add_argument(
+        "--list-pause",
+        type=float,
+        default=0.0,
+        help="seconds between the doctor's list reads while others send (0: back to back)",
+    )
     parser.add_argument("--members", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -61,10 +62,8 @@ class Receivers:
         deadline = time.perf_counter() + timeout
         while not wanted <= self.received.keys() and time.perf_counter() < deadline:
             self.progress.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.progress.wait(), 0.2)
-            except TimeoutError:
-                pass
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.conns), return_exceptions=True)
@@ -73,12 +72,22 @@ class Receivers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patients: list[str],
-                   messages: int, concurrency: int, tag: str, *, post_base_url: str | None = None,
-                   cpu_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+async def run_once(
+    stack: Stack,
+    receivers: Receivers,
+    doctors: list[str],
+    patients: list[str],
+    messages: int,
+    concurrency: int,
+    tag: str,
+    *,
+    post_base_url: str | None = None,
+    cpu_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """post_base_url: POST to another server process than the one holding the sockets (bench.cluster)."""
-    headers = {d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"}
-               for d in doctors}
+    headers = {
+        d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"} for d in doctors
+    }
     url = (post_base_url or stack.base_url) + "/api/v1/chats/pm"
     started: dict[str, float] = {}
     accepted: set[str] = set()
@@ -96,8 +105,9 @@ async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patie
             doctor = doctors[i % len(doctors)]
             patient = patients[(i // len(doctors)) % len(patients)]
             cid = f"{tag}-{i}"
-            body = json.dumps({"from": doctor, "to": patient, "contentType": 1,
-                               "content": f"bench message {i}", "clientMsgId": cid})
+            body = json.dumps(
+                {"from": doctor, "to": patient, "contentType": 1, "content": f"bench message {i}", "clientMsgId": cid}
+            )
             started[cid] = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers[doctor]) as resp:
@@ -121,17 +131,29 @@ async def run_once(stack: Stack, receivers: Receivers, doctors: list[str], patie
     lat = [receivers.received[cid] - started[cid] for cid in got]
     last = max((receivers.received[c] for c in got), default=t0)
     result: dict[str, Any] = {
-        "sent": messages, "accepted": len(accepted), "delivered": len(got),
-        "lost": len(accepted) - len(got), "errors": errors,
+        "sent": messages,
+        "accepted": len(accepted),
+        "delivered": len(got),
+        "lost": len(accepted) - len(got),
+        "errors": errors,
         "msgs_per_s": round(len(got) / (last - t0), 1) if got else 0.0,
         "posts_per_s": round(len(accepted) / (posts_done - t0), 1),
-        **latency_figures(lat), **cpu.summary(),
+        **latency_figures(lat),
+        **cpu.summary(),
     }
     return result
 
 
-async def scenario(stack: Stack, repeats: int, *, doctors: int = 10, patients: int = 100,
-                   messages: int = 3000, concurrency: int = 64, warmup: int = 300) -> list[dict[str, Any]]:
+async def scenario(
+    stack: Stack,
+    repeats: int,
+    *,
+    doctors: int = 10,
+    patients: int = 100,
+    messages: int = 3000,
+    concurrency: int = 64,
+    warmup: int = 300,
+) -> list[dict[str, Any]]:
     doctor_ids = [f"s1-doc-{i}" for i in range(doctors)]
     patient_ids = [f"s1-pat-{i}" for i in range(patients)]
     receivers = Receivers()
@@ -161,8 +183,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     with Stack("s1") as stack:
-        asyncio.run(scenario(stack, args.repeats, doctors=args.doctors, patients=args.patients,
-                             messages=args.messages, concurrency=args.concurrency))
+        asyncio.run(
+            scenario(
+                stack,
+                args.repeats,
+                doctors=args.doctors,
+                patients=args.patients,
+                messages=args.messages,
+                concurrency=args.concurrency,
+            )
+        )
 
 
 if __name__ == "__main__":

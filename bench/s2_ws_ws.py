@@ -56,8 +56,17 @@ class Patient:
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self.acks[cid] = fut
             self.state.started[cid] = time.perf_counter()
-            await self.conn.send(json.dumps({"type": "pm", "to": self.partner, "contentType": 1,
-                                             "content": f"bench chat {i}", "clientMsgId": cid}))
+            await self.conn.send(
+                json.dumps(
+                    {
+                        "type": "pm",
+                        "to": self.partner,
+                        "contentType": 1,
+                        "content": f"bench chat {i}",
+                        "clientMsgId": cid,
+                    }
+                )
+            )
             try:
                 reply = await asyncio.wait_for(fut, 30)
             except TimeoutError:
@@ -101,8 +110,7 @@ class Run:
             self.received[cid] = now
 
 
-async def run_once(stack: Stack, patients: list[Patient], per_patient: int, window: int,
-                   tag: str) -> dict[str, Any]:
+async def run_once(stack: Stack, patients: list[Patient], per_patient: int, window: int, tag: str) -> dict[str, Any]:
     run = Run()
     for p in patients:
         p.state = run
@@ -116,15 +124,21 @@ async def run_once(stack: Stack, patients: list[Patient], per_patient: int, wind
     lat = [run.received[c] - run.started[c] for c in got]
     last = max((run.received[c] for c in got), default=t0)
     return {
-        "sent": per_patient * len(patients), "acked": len(run.acked), "delivered": len(got),
-        "lost": len(run.acked) - len(got), "duplicates": run.duplicates, "errors": run.errors,
+        "sent": per_patient * len(patients),
+        "acked": len(run.acked),
+        "delivered": len(got),
+        "lost": len(run.acked) - len(got),
+        "duplicates": run.duplicates,
+        "errors": run.errors,
         "msgs_per_s": round(len(got) / (last - t0), 1) if got else 0.0,
-        **latency_figures(lat), **cpu.summary(),
+        **latency_figures(lat),
+        **cpu.summary(),
     }
 
 
-async def scenario(stack: Stack, repeats: int, *, patients: int = 100, messages: int = 3000,
-                   window: int = 2, warmup: int = 300) -> list[dict[str, Any]]:
+async def scenario(
+    stack: Stack, repeats: int, *, patients: int = 100, messages: int = 3000, window: int = 2, warmup: int = 300
+) -> list[dict[str, Any]]:
     assert patients % 2 == 0
     ids = [f"s2-pat-{i}" for i in range(patients)]
     placeholder = Run()
@@ -154,8 +168,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=2)
     args = parser.parse_args()
     with Stack("s2") as stack:
-        asyncio.run(scenario(stack, args.repeats, patients=args.patients, messages=args.messages,
-                             window=args.window))
+        asyncio.run(scenario(stack, args.repeats, patients=args.patients, messages=args.messages, window=args.window))
 
 
 if __name__ == "__main__":

@@ -25,16 +25,24 @@ async def create_group(stack: Stack, group_id: str, members: list[str]) -> str:
     """POST /api/v1/groups as a service token; fall back to the collection if the route is missing."""
     headers = {"Authorization": f"Bearer {token('bench-service', 'service')}"}
     body = {"id": group_id, "name": "bench fan-out", "groupType": 0, "members": members}
-    async with aiohttp.ClientSession() as session, \
-            session.post(stack.base_url + "/api/v1/groups", json=body, headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(stack.base_url + "/api/v1/groups", json=body, headers=headers) as resp,
+    ):
         if resp.status in (200, 201):
             return "POST /api/v1/groups"
         if resp.status not in (404, 405):
             raise RuntimeError(f"POST /api/v1/groups answered {resp.status}: {await resp.text()}")
-    stack.mongo().groups.insert_one({
-        "_id": group_id, "name": "bench fan-out", "groupType": 0, "members": members,
-        "createdAt": datetime.datetime.now(datetime.UTC), "createdBy": "bench",
-    })
+    stack.mongo().groups.insert_one(
+        {
+            "_id": group_id,
+            "name": "bench fan-out",
+            "groupType": 0,
+            "members": members,
+            "createdAt": datetime.datetime.now(datetime.UTC),
+            "createdBy": "bench",
+        }
+    )
     return "direct insert into groups"
 
 
@@ -89,8 +97,9 @@ class Round:
             self.done.set()
 
 
-async def scenario(stack: Stack, repeats: int, *, members: int = 500, rounds: int = 30,
-                   pause: float = 0.05) -> list[dict[str, Any]]:
+async def scenario(
+    stack: Stack, repeats: int, *, members: int = 500, rounds: int = 30, pause: float = 0.05
+) -> list[dict[str, Any]]:
     sender = "s3-doc"
     ids = [f"s3-mem-{i}" for i in range(members)]
     group_id = "s3-group"
@@ -119,9 +128,17 @@ async def scenario(stack: Stack, repeats: int, *, members: int = 500, rounds: in
                         cid = f"s3-r{r}-{k}"
                         rnd = round_map[cid] = Round(members)
                         t0 = time.perf_counter()
-                        async with session.post(url, headers=headers, json={
-                            "from": sender, "group": group_id, "contentType": 1,
-                            "content": f"fan-out {k}", "clientMsgId": cid}) as resp:
+                        async with session.post(
+                            url,
+                            headers=headers,
+                            json={
+                                "from": sender,
+                                "group": group_id,
+                                "contentType": 1,
+                                "content": f"fan-out {k}",
+                                "clientMsgId": cid,
+                            },
+                        ) as resp:
                             await resp.read()
                             if resp.status != 201:
                                 raise RuntimeError(f"gm send answered {resp.status}")
@@ -134,13 +151,17 @@ async def scenario(stack: Stack, repeats: int, *, members: int = 500, rounds: in
                         await asyncio.sleep(pause)
                 if r < 0:
                     continue
-                res = {"members": members, "rounds": rounds, "group_created_by": how,
-                       "incomplete_rounds": incomplete,
-                       "lost": sum(members - len(round_map[f"s3-r{r}-{k}"].times) for k in range(rounds)),
-                       "duplicates": sum(c.duplicates for c in clients),
-                       **latency_figures(last_times, "last"),
-                       "member_p50_ms": round(1000 * percentile(member_lat, 50), 1),
-                       **cpu.summary()}
+                res = {
+                    "members": members,
+                    "rounds": rounds,
+                    "group_created_by": how,
+                    "incomplete_rounds": incomplete,
+                    "lost": sum(members - len(round_map[f"s3-r{r}-{k}"].times) for k in range(rounds)),
+                    "duplicates": sum(c.duplicates for c in clients),
+                    **latency_figures(last_times, "last"),
+                    "member_p50_ms": round(1000 * percentile(member_lat, 50), 1),
+                    **cpu.summary(),
+                }
                 results.append(res)
                 print(f"  s3 run {r + 1}: {json.dumps(res)}", flush=True)
     finally:

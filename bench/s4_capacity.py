@@ -58,8 +58,9 @@ async def _hold(pipe: multiprocessing.connection.Connection, ws_url: str, tokens
             conns.append(conn)
 
     await asyncio.gather(*(one(t) for t in tokens))
-    pipe.send(("connected", {"ok": len(conns), "errors": errors, "lat": lat, "t0": t0,
-                             "t_last": max(done_at, default=t0)}))
+    pipe.send(
+        ("connected", {"ok": len(conns), "errors": errors, "lat": lat, "t0": t0, "t_last": max(done_at, default=t0)})
+    )
     loop = asyncio.get_running_loop()
     while (order := await loop.run_in_executor(None, pipe.recv)) == "count":
         codes: dict[str, int] = {}
@@ -70,7 +71,7 @@ async def _hold(pipe: multiprocessing.connection.Connection, ws_url: str, tokens
     assert order == "close"
     # Close in bounded batches so the server is not hit by N close handshakes at once.
     for i in range(0, len(conns), 500):
-        await asyncio.gather(*(c.close() for c in conns[i:i + 500]), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in conns[i : i + 500]), return_exceptions=True)
     pipe.send(("closed", len(conns)))
 
 
@@ -123,11 +124,15 @@ def run_once(stack: Stack, connections: int, workers: int, inflight: int, rnd: i
             for k, v in c["closed_by_code"].items():
                 closed[k] = closed.get(k, 0) + v
         res = {
-            "connections": ok, "server_sockets": server_count, "errors": errors, "workers": workers,
+            "connections": ok,
+            "server_sockets": server_count,
+            "errors": errors,
+            "workers": workers,
             "handshakes_per_s": round(ok / (t_last - t0), 1) if ok else 0.0,
             "connect_wall_s": round(t_last - t0, 2),
             **latency_figures(lat, "handshake"),
-            "held_after_settle": still_open, "closed_by_server": closed,
+            "held_after_settle": still_open,
+            "closed_by_server": closed,
             "rss_before_mib": round(rss_before / 2**20, 1),
             "rss_connected_mib": round(rss_connected / 2**20, 1),
             "rss_settled_mib": round(rss_settled / 2**20, 1),
@@ -148,8 +153,9 @@ def run_once(stack: Stack, connections: int, workers: int, inflight: int, rnd: i
                 p.join(5)
 
 
-def scenario(stack: Stack, repeats: int, *, connections: int = 10_000, workers: int = 2,
-             inflight: int = 100) -> list[dict[str, Any]]:
+def scenario(
+    stack: Stack, repeats: int, *, connections: int = 10_000, workers: int = 2, inflight: int = 100
+) -> list[dict[str, Any]]:
     results = []
     for r in range(repeats):
         if r:
@@ -169,8 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile()
     with Stack("s4") as stack:
-        scenario(stack, args.repeats, connections=args.connections, workers=args.workers,
-                 inflight=args.inflight)
+        scenario(stack, args.repeats, connections=args.connections, workers=args.workers, inflight=args.inflight)
 
 
 if __name__ == "__main__":

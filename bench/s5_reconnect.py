@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -28,10 +29,11 @@ from websockets.asyncio.client import connect
 from bench.harness import CpuMeter, Stack, latency_figures, raise_nofile, token, ws_connect_kwargs
 
 
-async def send_backlog(stack: Stack, doctors: list[str], patients: list[str], per_patient: int,
-                       window: int = 8) -> dict[str, Any]:
+async def send_backlog(
+    stack: Stack, doctors: list[str], patients: list[str], per_patient: int, window: int = 8
+) -> dict[str, Any]:
     """Each doctor sends per_patient messages to each of its patients over its WebSocket."""
-    owned = {d: patients[i::len(doctors)] for i, d in enumerate(doctors)}
+    owned = {d: patients[i :: len(doctors)] for i, d in enumerate(doctors)}
     errors: dict[str, int] = {}
     t0 = time.perf_counter()
 
@@ -56,8 +58,9 @@ async def send_backlog(stack: Stack, doctors: list[str], patients: list[str], pe
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             acks[cid] = fut
             try:
-                await conn.send(json.dumps({"type": "pm", "to": p, "contentType": 1,
-                                            "content": f"backlog {k}", "clientMsgId": cid}))
+                await conn.send(
+                    json.dumps({"type": "pm", "to": p, "contentType": 1, "content": f"backlog {k}", "clientMsgId": cid})
+                )
                 reply = await asyncio.wait_for(fut, 60)
                 if reply.get("type") == "ack":
                     sent += 1
@@ -80,8 +83,12 @@ async def send_backlog(stack: Stack, doctors: list[str], patients: list[str], pe
 
     sent = sum(await asyncio.gather(*(doctor(d) for d in doctors)))
     wall = time.perf_counter() - t0
-    return {"backlog_sent": sent, "backlog_errors": errors, "backlog_send_s": round(wall, 1),
-            "backlog_send_msgs_per_s": round(sent / wall, 1)}
+    return {
+        "backlog_sent": sent,
+        "backlog_errors": errors,
+        "backlog_send_s": round(wall, 1),
+        "backlog_send_msgs_per_s": round(sent / wall, 1),
+    }
 
 
 class Client:
@@ -150,16 +157,15 @@ async def storm(stack: Stack, patients: list[str], per_patient: int, timeout: fl
         t0 = time.perf_counter()
         deadline = t0 + timeout
         tasks = [asyncio.create_task(c.run(stack.ws_url, t0, deadline, done, counter)) for c in clients]
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout)
-        except TimeoutError:
-            pass
         t_end = time.perf_counter()
     await asyncio.gather(*tasks, return_exceptions=True)
     finished = [c.done_at - t0 for c in clients if c.done_at is not None]
     missing = sum(per_patient - len(c.have) for c in clients)
     res = {
-        "clients": len(clients), "backlog_per_client": per_patient,
+        "clients": len(clients),
+        "backlog_per_client": per_patient,
         "complete_clients": len(finished),
         "all_delivered_s": round(max(finished), 2) if len(finished) == len(clients) else None,
         "storm_wall_s": round(t_end - t0, 2),
@@ -172,12 +178,20 @@ async def storm(stack: Stack, patients: list[str], per_patient: int, timeout: fl
         **{k: v for k, v in cpu.summary().items() if k.endswith("_s")},
     }
     for i in range(0, len(clients), 500):
-        await asyncio.gather(*(c.close() for c in clients[i:i + 500]), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in clients[i : i + 500]), return_exceptions=True)
     return res
 
 
-async def scenario(stack: Stack, repeats: int, *, clients: int = 2000, per_patient: int = 20,
-                   doctors: int = 100, timeout: float = 120.0, conv_index: bool = False) -> list[dict[str, Any]]:
+async def scenario(
+    stack: Stack,
+    repeats: int,
+    *,
+    clients: int = 2000,
+    per_patient: int = 20,
+    doctors: int = 100,
+    timeout: float = 120.0,
+    conv_index: bool = False,
+) -> list[dict[str, Any]]:
     raise_nofile()
     doctor_ids = [f"s5-doc-{i}" for i in range(doctors)]
     patient_ids = [f"s5-pat-{i}" for i in range(clients)]
@@ -213,12 +227,22 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=20)
     parser.add_argument("--doctors", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--conv-index", action="store_true",
-                        help="what-if: add a single-field index on pm.conv before the storm")
+    parser.add_argument(
+        "--conv-index", action="store_true", help="what-if: add a single-field index on pm.conv before the storm"
+    )
     args = parser.parse_args()
     with Stack("s5") as stack:
-        asyncio.run(scenario(stack, args.repeats, clients=args.clients, per_patient=args.backlog,
-                             doctors=args.doctors, timeout=args.timeout, conv_index=args.conv_index))
+        asyncio.run(
+            scenario(
+                stack,
+                args.repeats,
+                clients=args.clients,
+                per_patient=args.backlog,
+                doctors=args.doctors,
+                timeout=args.timeout,
+                conv_index=args.conv_index,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ class Sender:
         self.url = base_url + "/api/v1/chats/pm"
         self.doctors = doctors
         self.patients = patients
-        self.headers = {d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"}
-                        for d in doctors}
+        self.headers = {
+            d: {"Authorization": f"Bearer {token(d, 'doctor')}", "Content-Type": "application/json"} for d in doctors
+        }
         self.started: dict[str, float] = {}
         self.answered: dict[str, float] = {}
         self.accepted: set[str] = set()
@@ -77,8 +78,7 @@ class Sender:
         doctor = self.doctors[i % len(self.doctors)]
         patient = self.patients[i % len(self.patients)]
         cid = f"{tag}-{i}"
-        body = json.dumps({"from": doctor, "to": patient, "contentType": 1, "content": f"s7 {i}",
-                           "clientMsgId": cid})
+        body = json.dumps({"from": doctor, "to": patient, "contentType": 1, "content": f"s7 {i}", "clientMsgId": cid})
         self.started[cid] = time.perf_counter()
         try:
             async with self.session.post(self.url, data=body, headers=self.headers[doctor]) as resp:
@@ -107,8 +107,12 @@ class Sender:
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack("s7")
     procs: list[subprocess.Popen[bytes]] = []
-    result: dict[str, Any] = {"messages": args.messages, "rate": args.rate, "idle_secs": args.idle_secs,
-                              "quiet_secs": args.quiet_secs}
+    result: dict[str, Any] = {
+        "messages": args.messages,
+        "rate": args.rate,
+        "idle_secs": args.idle_secs,
+        "quiet_secs": args.quiet_secs,
+    }
     try:
         stack.start_mongo()
         assert stack.nx is not None
@@ -118,8 +122,11 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.settle_secs)  # start-up work and the follower's back-off are over
         idle = await measure_idle({"server": psutil.Process(a.pid), "nx": nx}, args.idle_secs)
         result["idle_1p_pct"] = idle
-        print(f"idle, one server ({args.idle_secs:.0f} s): server {idle['server']} % + nx-27017 {idle['nx']} % "
-              f"= {idle['server'] + idle['nx']:.2f} % of a core", flush=True)
+        print(
+            f"idle, one server ({args.idle_secs:.0f} s): server {idle['server']} % + nx-27017 {idle['nx']} % "
+            f"= {idle['server'] + idle['nx']:.2f} % of a core",
+            flush=True,
+        )
 
         b, b_url = start_server(stack, "b")
         procs.append(b)
@@ -138,28 +145,44 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             lat = [receivers.received[cid] - sender.started[cid] for cid in got]
             # From A's 201 (the message is stored) to B's socket: the change stream's own share.
             after_store = [receivers.received[cid] - sender.answered[cid] for cid in got]
-            load = {"accepted": len(accepted), "delivered": len(got), "lost": len(accepted) - len(got),
-                    "duplicates": receivers.duplicates, "errors": sender.errors, **latency_figures(lat),
-                    **latency_figures(after_store, "after_store")}
+            load = {
+                "accepted": len(accepted),
+                "delivered": len(got),
+                "lost": len(accepted) - len(got),
+                "duplicates": receivers.duplicates,
+                "errors": sender.errors,
+                **latency_figures(lat),
+                **latency_figures(after_store, "after_store"),
+            }
             result["load"] = load
-            print(f"load: {args.messages} messages at {args.rate:.0f}/s on A → {args.patients} sockets on B: "
-                  f"POST start → socket p50 {load['lat_p50_ms']} ms, p99 {load['lat_p99_ms']} ms, "
-                  f"max {load['lat_max_ms']} ms; A's 201 → socket p50 {load['after_store_p50_ms']} ms, "
-                  f"p99 {load['after_store_p99_ms']} ms; "
-                  f"lost {load['lost']}, duplicates {load['duplicates']}, errors {sender.errors}", flush=True)
+            print(
+                f"load: {args.messages} messages at {args.rate:.0f}/s on A → {args.patients} sockets on B: "
+                f"POST start → socket p50 {load['lat_p50_ms']} ms, p99 {load['lat_p99_ms']} ms, "
+                f"max {load['lat_max_ms']} ms; A's 201 → socket p50 {load['after_store_p50_ms']} ms, "
+                f"p99 {load['after_store_p99_ms']} ms; "
+                f"lost {load['lost']}, duplicates {load['duplicates']}, errors {sender.errors}",
+                flush=True,
+            )
 
             rounds = []
             for r in range(args.quiet_rounds):
-                quiet = await measure_idle({"server_a": psutil.Process(a.pid), "server_b": psutil.Process(b.pid),
-                                            "nx": nx}, args.quiet_secs)
+                quiet = await measure_idle(
+                    {"server_a": psutil.Process(a.pid), "server_b": psutil.Process(b.pid), "nx": nx}, args.quiet_secs
+                )
                 cid = await sender.send(r, f"quiet{r}")
                 await receivers.wait_for({cid}, timeout=15)
-                first_ms = (round(1000 * (receivers.received[cid] - sender.started[cid]), 1)
-                            if cid in receivers.received else None)
+                first_ms = (
+                    round(1000 * (receivers.received[cid] - sender.started[cid]), 1)
+                    if cid in receivers.received
+                    else None
+                )
                 rounds.append({"idle_2p_pct": quiet, "first_message_ms": first_ms})
-                print(f"quiet {args.quiet_secs:.0f} s, two servers with {args.patients} sockets on B: "
-                      f"A {quiet['server_a']} % + B {quiet['server_b']} % + nx-27017 {quiet['nx']} % of a core; "
-                      f"then the first message A → B took {first_ms} ms", flush=True)
+                print(
+                    f"quiet {args.quiet_secs:.0f} s, two servers with {args.patients} sockets on B: "
+                    f"A {quiet['server_a']} % + B {quiet['server_b']} % + nx-27017 {quiet['nx']} % of a core; "
+                    f"then the first message A → B took {first_ms} ms",
+                    flush=True,
+                )
             result["quiet"] = rounds
         await receivers.close()
     finally:

@@ -23,6 +23,5 @@ class ConsultationEndHandler(BaseHandler):
     async def post(self, consultation_id: str) -> None:
         """End: {operator?}; 409 when already closed."""
         principal = self.authenticate()
-        consultation = await self.services.consultations.end(principal, consultation_id,
-                                                             self.json_body(optional=True))
+        consultation = await self.services.consultations.end(principal, consultation_id, self.json_body(optional=True))
         self.write_json(consultation)

@@ -5,8 +5,19 @@ from __future__ import annotations
 from handlers.base import BaseHandler
 from models.groups import group_to_wire
 
+# A member list of a full group (5,000 ids of up to 128 characters, JSON-quoted) is ~660 KB: more
+# than the JSON body cap, which is sized for messages.
+MEMBER_LIST_BODY_BYTES = 1024 * 1024
 
-class GroupsHandler(BaseHandler):
+
+class MemberListHandler(BaseHandler):
+    """Calls whose body may carry a whole group's member list."""
+
+    def body_cap(self) -> int:
+        return max(super().body_cap(), MEMBER_LIST_BODY_BYTES)
+
+
+class GroupsHandler(MemberListHandler):
     async def post(self) -> None:
         """Create a group: {id?, name, groupType, members}."""
         principal = self.authenticate()
@@ -21,7 +32,7 @@ class GroupHandler(BaseHandler):
         self.write_json(group_to_wire(group))
 
 
-class GroupMembersHandler(BaseHandler):
+class GroupMembersHandler(MemberListHandler):
     async def post(self, group_id: str) -> None:
         """Add members: {"members": [ids]}; members get a group.members_added notice."""
         principal = self.authenticate()

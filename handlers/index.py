@@ -27,8 +27,9 @@ LINKS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 # No script at all and only our own stylesheet: nothing on this page needs more.
-INDEX_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
-             "frame-ancestors 'none'")
+INDEX_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 PLAIN_TEXT_CSP = "default-src 'none'; frame-ancestors 'none'"
 
 # Media types that ask for the page; anything else (*/*, application/json, none) gets JSON.

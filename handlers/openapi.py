@@ -30,8 +30,10 @@ ERRORS: dict[str, dict[str, Any]] = {
     "401": _error("Missing, malformed, badly signed or expired token."),
     "403": _error("A valid token without the right (acting for someone else, not staff, ...)."),
     "404": _error("No such resource, or one the caller may not see."),
-    "409": _error("Conflict with the current state (group exists, consultation open/closed, a "
-                  "clientMsgId reused for a different message: client_msg_id_reused)."),
+    "409": _error(
+        "Conflict with the current state (group exists, consultation open/closed, a "
+        "clientMsgId reused for a different message: client_msg_id_reused)."
+    ),
     "413": _error("The body is over the documented limit."),
     "429": _error("The caller's send rate limit is exhausted; retry later."),
     "503": _error("The database is unavailable; nothing was written. Retry shortly."),
@@ -67,37 +69,54 @@ PAGE_PARAMS = [
     _query("before", SEQ, "Exclusive upper seq bound: the `limit` messages just below it, oldest first."),
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50, at most 200."),
     _query("cursor", {"type": "string", "maxLength": 64}, "The `next` of a previous page."),
-    _query("since", {"type": "string", "format": "date-time"},
-           "Only messages created at or after this time: ISO 8601 with any offset (Z, +08:00)."),
-    _query("until", {"type": "string", "format": "date-time"},
-           "Only messages created before this time (exclusive), ISO 8601 with any offset."),
+    _query(
+        "since",
+        {"type": "string", "format": "date-time"},
+        "Only messages created at or after this time: ISO 8601 with any offset (Z, +08:00).",
+    ),
+    _query(
+        "until",
+        {"type": "string", "format": "date-time"},
+        "Only messages created before this time (exclusive), ISO 8601 with any offset.",
+    ),
 ]
 SEND_ERRORS = ("400", "401", "403", "404", "409", "413", "429", "503")  # 409: client_msg_id_reused
 READ_ERRORS = ("400", "401", "403", "404", "503")
 
 SCHEMAS: dict[str, Any] = {
     "Id": {
-        "type": "string", "minLength": 1, "maxLength": 128,
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 128,
         # No leading "$" (no query-operator smuggling), no control characters.
         "pattern": "^[^$\\u0000-\\u001f\\u007f][^\\u0000-\\u001f\\u007f]*$",
         "description": "A user or group id.",
     },
     "Error": {
-        "type": "object", "required": ["error"], "additionalProperties": False,
-        "properties": {"error": {
-            "type": "object", "required": ["code", "message"], "additionalProperties": False,
-            "properties": {
-                "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-                "message": {"type": "string", "minLength": 1},
-            },
-        }},
+        "type": "object",
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "additionalProperties": False,
+                "properties": {
+                    "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                    "message": {"type": "string", "minLength": 1},
+                },
+            }
+        },
     },
     "ContentType": {
-        "description": "1 text, 2 image, 3 voice, 4 hyperlink; \"1\"..\"4\" accepted on input.",
+        "description": '1 text, 2 image, 3 voice, 4 hyperlink; "1".."4" accepted on input.',
         "oneOf": [{"type": "integer", "enum": [1, 2, 3, 4]}, {"type": "string", "enum": ["1", "2", "3", "4"]}],
     },
     "Content": {
-        "type": "string", "minLength": 1, "maxLength": 8000, "pattern": "\\S",
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 8000,
+        "pattern": "\\S",
         "description": "Text; for contentType 4 an http(s) URL; for 2 and 3 a URL or a file id.",
     },
     "ClientMsgId": {"type": "string", "minLength": 1, "maxLength": 128},
@@ -107,10 +126,13 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "minLength": 1},
             "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
-            "from": ID, "to": ID, "group": ID,
+            "from": ID,
+            "to": ID,
+            "group": ID,
             "groupType": {"type": "integer", "minimum": 0},
             "at": {"type": "array", "items": ID},
-            "title": {"type": "string"}, "summary": {"type": "string"},
+            "title": {"type": "string"},
+            "summary": {"type": "string"},
             "contentType": {"type": "integer", "enum": [1, 2, 3, 4]},
             "content": {"type": "string", "minLength": 1},
             "seq": {"type": "integer", "minimum": 1},
@@ -122,31 +144,43 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "MessagePage": {
-        "type": "object", "required": ["messages", "next"], "additionalProperties": False,
+        "type": "object",
+        "required": ["messages", "next"],
+        "additionalProperties": False,
         "properties": {
             "messages": {"type": "array", "items": _ref("Message")},
             "next": {"type": ["string", "null"]},
         },
     },
     "Conversation": {
-        "type": "object", "required": ["channel", "lastMessage", "unread", "receivedSeq", "readSeq"],
+        "type": "object",
+        "required": ["channel", "lastMessage", "unread", "receivedSeq", "readSeq"],
         "properties": {
             "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
-            "peer": ID, "group": ID,
+            "peer": ID,
+            "group": ID,
             "lastMessage": _ref("Message"),
             "unread": {"type": "integer", "minimum": 0},
             "receivedSeq": {"type": "integer", "minimum": 0},
             "readSeq": {"type": "integer", "minimum": 0},
-            "peerReadSeq": {"type": "integer", "minimum": 0,
-                            "description": "pm only: how far the other party has read."},
+            "peerReadSeq": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "pm only: how far the other party has read.",
+            },
         },
     },
     "Group": {
-        "type": "object", "required": ["id", "name", "groupType", "members", "createdAt", "createdBy"],
+        "type": "object",
+        "required": ["id", "name", "groupType", "members", "createdAt", "createdBy"],
         "additionalProperties": False,
         "properties": {
-            "id": ID, "name": {"type": "string"}, "groupType": {"type": "integer", "minimum": 0},
-            "members": {"type": "array", "items": ID}, "createdAt": TIMESTAMP, "createdBy": ID,
+            "id": ID,
+            "name": {"type": "string"},
+            "groupType": {"type": "integer", "minimum": 0},
+            "members": {"type": "array", "items": ID},
+            "createdAt": TIMESTAMP,
+            "createdBy": ID,
         },
     },
     "Consultation": {
@@ -154,15 +188,20 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "doctor", "patient", "status", "startedAt", "startedBy", "endedAt", "endedBy"],
         "additionalProperties": False,
         "properties": {
-            "id": OBJECT_ID, "doctor": ID, "patient": ID,
+            "id": OBJECT_ID,
+            "doctor": ID,
+            "patient": ID,
             "status": {"type": "string", "enum": ["open", "closed"]},
-            "startedAt": TIMESTAMP, "startedBy": ID,
+            "startedAt": TIMESTAMP,
+            "startedBy": ID,
             "endedAt": {"oneOf": [TIMESTAMP, {"type": "null"}]},
             "endedBy": {"oneOf": [ID, {"type": "null"}]},
         },
     },
     "File": {
-        "type": "object", "required": ["id", "url", "mimeType", "size"], "additionalProperties": False,
+        "type": "object",
+        "required": ["id", "url", "mimeType", "size"],
+        "additionalProperties": False,
         "properties": {
             "id": OBJECT_ID,
             "url": {"type": "string", "pattern": "^/api/v1/files/[0-9a-f]{24}$"},
@@ -171,25 +210,33 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "UserRole": {
-        "type": "object", "required": ["user", "role", "seenAs", "declaredBy", "declaredAt"],
+        "type": "object",
+        "required": ["user", "role", "seenAs", "declaredBy", "declaredAt"],
         "additionalProperties": False,
         "properties": {
             "user": ID,
-            "role": {"oneOf": [{"type": "string", "enum": ["doctor", "patient"]}, {"type": "null"}],
-                     "description": "The declared role (null: none declared)."},
-            "seenAs": {"type": "array", "items": {"type": "string", "enum": ["doctor", "patient", "service", "admin"]},
-                       "description": "Roles of the tokens this user has used."},
+            "role": {
+                "oneOf": [{"type": "string", "enum": ["doctor", "patient"]}, {"type": "null"}],
+                "description": "The declared role (null: none declared).",
+            },
+            "seenAs": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["doctor", "patient", "service", "admin"]},
+                "description": "Roles of the tokens this user has used.",
+            },
             "declaredBy": {"oneOf": [ID, {"type": "null"}]},
             "declaredAt": {"oneOf": [TIMESTAMP, {"type": "null"}]},
         },
     },
     "Presence": {
-        "type": "object", "required": ["user", "online", "lastSeen"], "additionalProperties": False,
-        "properties": {"user": ID, "online": {"type": "boolean"},
-                       "lastSeen": {"oneOf": [TIMESTAMP, {"type": "null"}]}},
+        "type": "object",
+        "required": ["user", "online", "lastSeen"],
+        "additionalProperties": False,
+        "properties": {"user": ID, "online": {"type": "boolean"}, "lastSeen": {"oneOf": [TIMESTAMP, {"type": "null"}]}},
     },
     "Status": {
-        "type": "object", "required": ["version", "profile", "uptimeSeconds", "db"],
+        "type": "object",
+        "required": ["version", "profile", "uptimeSeconds", "db"],
         "additionalProperties": False,
         "properties": {
             "version": {"type": "string", "pattern": "^\\d+\\.\\d+\\.\\d+"},
@@ -197,9 +244,12 @@ SCHEMAS: dict[str, Any] = {
             "uptimeSeconds": {"type": "number", "minimum": 0},
             "db": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
             "connections": {
-                "type": "object", "required": ["sockets", "users"],
-                "properties": {"sockets": {"type": "integer", "minimum": 0},
-                               "users": {"type": "integer", "minimum": 0}},
+                "type": "object",
+                "required": ["sockets", "users"],
+                "properties": {
+                    "sockets": {"type": "integer", "minimum": 0},
+                    "users": {"type": "integer", "minimum": 0},
+                },
                 "description": "Admin tokens only.",
             },
         },
@@ -207,26 +257,45 @@ SCHEMAS: dict[str, Any] = {
 }
 
 PM_BODY = {
-    "type": "object", "required": ["from", "to", "contentType", "content"],
-    "properties": {"from": ID, "to": ID, "contentType": _ref("ContentType"), "content": _ref("Content"),
-                   "clientMsgId": _ref("ClientMsgId")},
+    "type": "object",
+    "required": ["from", "to", "contentType", "content"],
+    "properties": {
+        "from": ID,
+        "to": ID,
+        "contentType": _ref("ContentType"),
+        "content": _ref("Content"),
+        "clientMsgId": _ref("ClientMsgId"),
+    },
 }
 GM_BODY = {
-    "type": "object", "required": ["from", "group", "contentType", "content"],
+    "type": "object",
+    "required": ["from", "group", "contentType", "content"],
     "properties": {
-        "from": ID, "group": ID,
-        "groupType": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2**31},
-                                {"type": "string", "pattern": "^[0-9]{1,9}$"}]},
+        "from": ID,
+        "group": ID,
+        "groupType": {
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": 2**31},
+                {"type": "string", "pattern": "^[0-9]{1,9}$"},
+            ]
+        },
         "at": {"oneOf": [ID, {"type": "array", "items": ID, "maxItems": 500}]},
-        "contentType": _ref("ContentType"), "content": _ref("Content"), "clientMsgId": _ref("ClientMsgId"),
+        "contentType": _ref("ContentType"),
+        "content": _ref("Content"),
+        "clientMsgId": _ref("ClientMsgId"),
     },
 }
 SM_BODY = {
-    "type": "object", "required": ["to", "title", "contentType", "content"],
-    "properties": {"to": ID, "title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
-                   "summary": {"type": "string", "maxLength": 1000},
-                   "contentType": _ref("ContentType"), "content": _ref("Content"),
-                   "clientMsgId": _ref("ClientMsgId")},
+    "type": "object",
+    "required": ["to", "title", "contentType", "content"],
+    "properties": {
+        "to": ID,
+        "title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
+        "summary": {"type": "string", "maxLength": 1000},
+        "contentType": _ref("ContentType"),
+        "content": _ref("Content"),
+        "clientMsgId": _ref("ClientMsgId"),
+    },
 }
 SENT = {
     "201": _ok("Stored (journaled) and delivered: the message.", _ref("Message")),
@@ -236,174 +305,381 @@ MESSAGE_PAGE = {"200": _ok("A page of messages, oldest first.", _ref("MessagePag
 GROUP = {"200": _ok("The group.", _ref("Group"))}
 MARKER_CONVERSATION = {
     "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
-    "peer": ID, "group": ID, "seq": SEQ,
+    "peer": ID,
+    "group": ID,
+    "seq": SEQ,
 }
 FILE_MEDIA = {"schema": {"type": "string", "format": "binary"}}
 
 PATHS: dict[str, Any] = {
     "/api/v1/chats/pm": {
-        "post": {"summary": "Send a person-to-person message", "operationId": "sendPm",
-                 "requestBody": _json_body(PM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
-        "get": {"summary": "A user's person-to-person messages", "operationId": "listPm",
-                "parameters": [_query("user_id", ID, "Whose messages.", required=True),
-                               _query("peer", ID, "Only the conversation with this user."), *PAGE_PARAMS],
-                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+        "post": {
+            "summary": "Send a person-to-person message",
+            "operationId": "sendPm",
+            "requestBody": _json_body(PM_BODY),
+            "responses": _responses(SENT, *SEND_ERRORS),
+        },
+        "get": {
+            "summary": "A user's person-to-person messages",
+            "operationId": "listPm",
+            "parameters": [
+                _query("user_id", ID, "Whose messages.", required=True),
+                _query("peer", ID, "Only the conversation with this user."),
+                *PAGE_PARAMS,
+            ],
+            "responses": _responses(MESSAGE_PAGE, *READ_ERRORS),
+        },
     },
     "/api/v1/chats/gm": {
-        "post": {"summary": "Send a group message (members only)", "operationId": "sendGm",
-                 "requestBody": _json_body(GM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
-        "get": {"summary": "A group's messages (members and staff)", "operationId": "listGm",
-                "parameters": [_query("group", ID, "The group.", required=True), *PAGE_PARAMS],
-                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+        "post": {
+            "summary": "Send a group message (members only)",
+            "operationId": "sendGm",
+            "requestBody": _json_body(GM_BODY),
+            "responses": _responses(SENT, *SEND_ERRORS),
+        },
+        "get": {
+            "summary": "A group's messages (members and staff)",
+            "operationId": "listGm",
+            "parameters": [_query("group", ID, "The group.", required=True), *PAGE_PARAMS],
+            "responses": _responses(MESSAGE_PAGE, *READ_ERRORS),
+        },
     },
     "/api/v1/chats/sm": {
-        "post": {"summary": "Send a system message (service/admin only)", "operationId": "sendSm",
-                 "requestBody": _json_body(SM_BODY), "responses": _responses(SENT, *SEND_ERRORS)},
-        "get": {"summary": "A user's system messages", "operationId": "listSm",
-                "parameters": [_query("user_id", ID, "The recipient.", required=True), *PAGE_PARAMS],
-                "responses": _responses(MESSAGE_PAGE, *READ_ERRORS)},
+        "post": {
+            "summary": "Send a system message (service/admin only)",
+            "operationId": "sendSm",
+            "requestBody": _json_body(SM_BODY),
+            "responses": _responses(SENT, *SEND_ERRORS),
+        },
+        "get": {
+            "summary": "A user's system messages",
+            "operationId": "listSm",
+            "parameters": [_query("user_id", ID, "The recipient.", required=True), *PAGE_PARAMS],
+            "responses": _responses(MESSAGE_PAGE, *READ_ERRORS),
+        },
     },
     "/api/v1/conversations": {
-        "get": {"summary": "A user's conversations with unread counts, newest first",
-                "operationId": "listConversations",
-                "parameters": [
-                    _query("user_id", ID, "Whose conversations.", required=True),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
-                           "Page size; default 50, at most 200."),
-                    _query("cursor", {"type": "string", "maxLength": 800}, "The `next` of a previous page."),
-                ],
-                "responses": _responses({"200": _ok("The conversations.", {
-                    "type": "object", "required": ["conversations", "next"], "additionalProperties": False,
-                    "properties": {"conversations": {"type": "array", "items": _ref("Conversation")},
-                                   "next": {"type": ["string", "null"],
-                                            "description": "The cursor of the next page, or null."}},
-                })}, "400", "401", "403", "503")},
+        "get": {
+            "summary": "A user's conversations with unread counts, newest first",
+            "operationId": "listConversations",
+            "parameters": [
+                _query("user_id", ID, "Whose conversations.", required=True),
+                _query(
+                    "limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50, at most 200."
+                ),
+                _query("cursor", {"type": "string", "maxLength": 800}, "The `next` of a previous page."),
+            ],
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "The conversations.",
+                        {
+                            "type": "object",
+                            "required": ["conversations", "next"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "conversations": {"type": "array", "items": _ref("Conversation")},
+                                "next": {
+                                    "type": ["string", "null"],
+                                    "description": "The cursor of the next page, or null.",
+                                },
+                            },
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
     },
     "/api/v1/conversations/read": {
-        "post": {"summary": "Move a user's read marker (the other party gets a receipt)",
-                 "operationId": "markRead",
-                 "requestBody": _json_body({"type": "object", "required": ["user_id", "channel", "seq"],
-                                            "properties": {"user_id": ID, **MARKER_CONVERSATION}}),
-                 "responses": _responses({"200": _ok("The markers after the move.", {
-                     "type": "object", "required": ["channel", "receivedSeq", "readSeq"],
-                     "additionalProperties": False,
-                     "properties": {"channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
-                                    "receivedSeq": {"type": "integer", "minimum": 0},
-                                    "readSeq": {"type": "integer", "minimum": 0}},
-                 })}, "400", "401", "403", "404", "413", "503")},
+        "post": {
+            "summary": "Move a user's read marker (the other party gets a receipt)",
+            "operationId": "markRead",
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["user_id", "channel", "seq"],
+                    "properties": {"user_id": ID, **MARKER_CONVERSATION},
+                }
+            ),
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "The markers after the move.",
+                        {
+                            "type": "object",
+                            "required": ["channel", "receivedSeq", "readSeq"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "channel": {"type": "string", "enum": ["sm", "pm", "gm"]},
+                                "receivedSeq": {"type": "integer", "minimum": 0},
+                                "readSeq": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "404",
+                "413",
+                "503",
+            ),
+        },
     },
     "/api/v1/groups": {
-        "post": {"summary": "Create a group (doctors, service, admin)", "operationId": "createGroup",
-                 "requestBody": _json_body({
-                     "type": "object", "required": ["name", "groupType", "members"],
-                     "properties": {
-                         "id": ID, "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
-                         "groupType": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2**31},
-                                                 {"type": "string", "pattern": "^[0-9]{1,9}$"}]},
-                         "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000},
-                     }}),
-                 "responses": _responses({"201": _ok("The new group.", _ref("Group"))},
-                                         "400", "401", "403", "409", "413", "429", "503")},
+        "post": {
+            "summary": "Create a group (doctors, service, admin)",
+            "operationId": "createGroup",
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["name", "groupType", "members"],
+                    "properties": {
+                        "id": ID,
+                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
+                        "groupType": {
+                            "oneOf": [
+                                {"type": "integer", "minimum": 0, "maximum": 2**31},
+                                {"type": "string", "pattern": "^[0-9]{1,9}$"},
+                            ]
+                        },
+                        "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000},
+                    },
+                }
+            ),
+            "responses": _responses(
+                {"201": _ok("The new group.", _ref("Group"))}, "400", "401", "403", "409", "413", "429", "503"
+            ),
+        },
     },
     "/api/v1/groups/{id}": {
-        "get": {"summary": "Read a group (members, creator, staff)", "operationId": "getGroup",
-                "parameters": [_path("id", ID, "The group.")],
-                "responses": _responses(GROUP, "400", "401", "403", "404", "503")},
+        "get": {
+            "summary": "Read a group (members, creator, staff)",
+            "operationId": "getGroup",
+            "parameters": [_path("id", ID, "The group.")],
+            "responses": _responses(GROUP, "400", "401", "403", "404", "503"),
+        },
     },
     "/api/v1/groups/{id}/members": {
-        "post": {"summary": "Add members; they get a group.members_added notice", "operationId": "addMembers",
-                 "description": "409 group_full: the group would pass [limits] max_group_members.",
-                 "parameters": [_path("id", ID, "The group.")],
-                 "requestBody": _json_body({"type": "object", "required": ["members"], "properties": {
-                     "members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000}}}),
-                 "responses": _responses(GROUP, "400", "401", "403", "404", "409", "413", "429", "503")},
+        "post": {
+            "summary": "Add members; they get a group.members_added notice",
+            "operationId": "addMembers",
+            "description": "409 group_full: the group would pass [limits] max_group_members.",
+            "parameters": [_path("id", ID, "The group.")],
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["members"],
+                    "properties": {"members": {"type": "array", "items": ID, "minItems": 1, "maxItems": 5000}},
+                }
+            ),
+            "responses": _responses(GROUP, "400", "401", "403", "404", "409", "413", "429", "503"),
+        },
     },
     "/api/v1/groups/{id}/members/{user}": {
-        "delete": {"summary": "Remove a member (or leave)", "operationId": "removeMember",
-                   "parameters": [_path("id", ID, "The group."), _path("user", ID, "The member.")],
-                   "responses": _responses(GROUP, "400", "401", "403", "404", "429", "503")},
+        "delete": {
+            "summary": "Remove a member (or leave)",
+            "operationId": "removeMember",
+            "parameters": [_path("id", ID, "The group."), _path("user", ID, "The member.")],
+            "responses": _responses(GROUP, "400", "401", "403", "404", "429", "503"),
+        },
     },
     "/api/v1/users/{id}/groups": {
-        "get": {"summary": "The groups a user belongs to", "operationId": "listUserGroups",
-                "parameters": [_path("id", ID, "The user.")],
-                "responses": _responses({"200": _ok("The groups.", {
-                    "type": "object", "required": ["groups"], "additionalProperties": False,
-                    "properties": {"groups": {"type": "array", "items": _ref("Group")}}})},
-                    "400", "401", "403", "503")},
+        "get": {
+            "summary": "The groups a user belongs to",
+            "operationId": "listUserGroups",
+            "parameters": [_path("id", ID, "The user.")],
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "The groups.",
+                        {
+                            "type": "object",
+                            "required": ["groups"],
+                            "additionalProperties": False,
+                            "properties": {"groups": {"type": "array", "items": _ref("Group")}},
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
     },
     "/api/v1/users/{id}/presence": {
-        "get": {"summary": "Online state and last seen", "operationId": "getPresence",
-                "parameters": [_path("id", ID, "The user.")],
-                "responses": _responses({"200": _ok("Presence.", _ref("Presence"))}, "400", "401", "403", "503")},
+        "get": {
+            "summary": "Online state and last seen",
+            "operationId": "getPresence",
+            "parameters": [_path("id", ID, "The user.")],
+            "responses": _responses({"200": _ok("Presence.", _ref("Presence"))}, "400", "401", "403", "503"),
+        },
     },
     "/api/v1/users/{id}/role": {
-        "put": {"summary": "Declare a user's role (service/admin): who may be a consultation's doctor",
-                "operationId": "declareUserRole",
-                "description": "A user is known as a doctor once it has used a doctor token; a declaration "
-                               "wins over what tokens showed.",
-                "parameters": [_path("id", ID, "The user.")],
-                "requestBody": _json_body({"type": "object", "required": ["role"], "properties": {
-                    "role": {"type": "string", "enum": ["doctor", "patient"]}}}),
-                "responses": _responses({"200": _ok("The user's roles.", _ref("UserRole"))},
-                                        "400", "401", "403", "413", "503")},
+        "put": {
+            "summary": "Declare a user's role (service/admin): who may be a consultation's doctor",
+            "operationId": "declareUserRole",
+            "description": "A user is known as a doctor once it has used a doctor token; a declaration "
+            "wins over what tokens showed.",
+            "parameters": [_path("id", ID, "The user.")],
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": {"type": "string", "enum": ["doctor", "patient"]}},
+                }
+            ),
+            "responses": _responses(
+                {"200": _ok("The user's roles.", _ref("UserRole"))}, "400", "401", "403", "413", "503"
+            ),
+        },
     },
     "/api/v1/consultations": {
-        "post": {"summary": "Start a consultation (posts consultation.started)",
-                 "description": "409 consultation_open (one is open for the pair), not_a_doctor (`doctor` "
-                                "is not known as a doctor), patient_is_doctor (`patient` is known as one).",
-                 "operationId": "startConsultation",
-                 "requestBody": _json_body({"type": "object", "required": ["doctor", "patient"], "properties": {
-                     "doctor": ID, "patient": ID,
-                     "operator": {**ID, "description": "Required with service/admin tokens."}}}),
-                 "responses": _responses({"201": _ok("The consultation.", _ref("Consultation"))},
-                                         "400", "401", "403", "409", "413", "429", "503")},
-        "get": {"summary": "A user's consultations, newest first", "operationId": "listConsultations",
-                "parameters": [_query("user_id", ID, "The doctor or patient.", required=True),
-                               _query("status", {"type": "string", "enum": ["open", "closed"]}, "Filter.")],
-                "responses": _responses({"200": _ok("The consultations.", {
-                    "type": "object", "required": ["consultations"], "additionalProperties": False,
-                    "properties": {"consultations": {"type": "array", "items": _ref("Consultation")}}})},
-                    "400", "401", "403", "503")},
+        "post": {
+            "summary": "Start a consultation (posts consultation.started)",
+            "description": "409 consultation_open (one is open for the pair), not_a_doctor (`doctor` "
+            "is not known as a doctor), patient_is_doctor (`patient` is known as one).",
+            "operationId": "startConsultation",
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["doctor", "patient"],
+                    "properties": {
+                        "doctor": ID,
+                        "patient": ID,
+                        "operator": {**ID, "description": "Required with service/admin tokens."},
+                    },
+                }
+            ),
+            "responses": _responses(
+                {"201": _ok("The consultation.", _ref("Consultation"))}, "400", "401", "403", "409", "413", "429", "503"
+            ),
+        },
+        "get": {
+            "summary": "A user's consultations, newest first",
+            "operationId": "listConsultations",
+            "parameters": [
+                _query("user_id", ID, "The doctor or patient.", required=True),
+                _query("status", {"type": "string", "enum": ["open", "closed"]}, "Filter."),
+            ],
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "The consultations.",
+                        {
+                            "type": "object",
+                            "required": ["consultations"],
+                            "additionalProperties": False,
+                            "properties": {"consultations": {"type": "array", "items": _ref("Consultation")}},
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
     },
     "/api/v1/consultations/{id}/end": {
-        "post": {"summary": "End a consultation (posts consultation.ended)", "operationId": "endConsultation",
-                 "parameters": [_path("id", OBJECT_ID, "The consultation.")],
-                 "requestBody": _json_body({"type": "object", "properties": {
-                     "operator": {**ID, "description": "Required with service/admin tokens."}}}, required=False),
-                 "responses": _responses({"200": _ok("The closed consultation.", _ref("Consultation"))},
-                                         "400", "401", "403", "404", "409", "413", "429", "503")},
+        "post": {
+            "summary": "End a consultation (posts consultation.ended)",
+            "operationId": "endConsultation",
+            "parameters": [_path("id", OBJECT_ID, "The consultation.")],
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "properties": {"operator": {**ID, "description": "Required with service/admin tokens."}},
+                },
+                required=False,
+            ),
+            "responses": _responses(
+                {"200": _ok("The closed consultation.", _ref("Consultation"))},
+                "400",
+                "401",
+                "403",
+                "404",
+                "409",
+                "413",
+                "429",
+                "503",
+            ),
+        },
     },
     "/api/v1/files": {
-        "post": {"summary": "Upload an image or voice note (stored in GridFS)", "operationId": "uploadFile",
-                 "parameters": [_query("owner", ID, "service/admin only: upload on this user's behalf.")],
-                 "requestBody": {"required": True, "content": {"multipart/form-data": {
-                     "schema": {"type": "object", "required": ["file"],
-                                "properties": {"file": {"type": "string", "format": "binary"}}}}}},
-                 "responses": _responses({"201": {
-                     "description": "Stored; `Location` names the download URL.",
-                     "content": {JSON: {"schema": _ref("File")}}}},
-                     "400", "401", "403", "413", "503")},
+        "post": {
+            "summary": "Upload an image or voice note (stored in GridFS)",
+            "operationId": "uploadFile",
+            "parameters": [_query("owner", ID, "service/admin only: upload on this user's behalf.")],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            },
+            "responses": _responses(
+                {
+                    "201": {
+                        "description": "Stored; `Location` names the download URL.",
+                        "content": {JSON: {"schema": _ref("File")}},
+                    }
+                },
+                "400",
+                "401",
+                "403",
+                "413",
+                "503",
+            ),
+        },
     },
     "/api/v1/files/{id}": {
-        "get": {"summary": "Download a file the caller may read (Range and If-None-Match supported)",
-                "operationId": "downloadFile",
-                "parameters": [_path("id", OBJECT_ID, "The file.")],
-                "responses": _responses({
+        "get": {
+            "summary": "Download a file the caller may read (Range and If-None-Match supported)",
+            "operationId": "downloadFile",
+            "parameters": [_path("id", OBJECT_ID, "The file.")],
+            "responses": _responses(
+                {
                     "200": {"description": "The bytes.", "content": {"image/*": FILE_MEDIA, "audio/*": FILE_MEDIA}},
-                    "206": {"description": "The requested range.",
-                            "content": {"image/*": FILE_MEDIA, "audio/*": FILE_MEDIA}},
+                    "206": {
+                        "description": "The requested range.",
+                        "content": {"image/*": FILE_MEDIA, "audio/*": FILE_MEDIA},
+                    },
                     "304": {"description": "Not modified (If-None-Match)."},
                     "416": _error("The Range selects nothing of the file."),
-                }, "400", "401", "404", "503")},
+                },
+                "400",
+                "401",
+                "404",
+                "503",
+            ),
+        },
     },
     "/api/v1/status": {
-        "get": {"summary": "Running status (public; admin tokens add connection counts)",
-                "operationId": "getStatus", "security": [{}, {"bearerAuth": []}],
-                "responses": _responses({"200": _ok("Status.", _ref("Status"))}, "400", "401")},
+        "get": {
+            "summary": "Running status (public; admin tokens add connection counts)",
+            "operationId": "getStatus",
+            "security": [{}, {"bearerAuth": []}],
+            "responses": _responses({"200": _ok("Status.", _ref("Status"))}, "400", "401"),
+        },
     },
     "/api/v1/openapi.json": {
-        "get": {"summary": "This document", "operationId": "getOpenApi", "security": [],
-                "responses": _responses({"200": _ok("OpenAPI 3.1", {"type": "object"})}, "400")},
+        "get": {
+            "summary": "This document",
+            "operationId": "getOpenApi",
+            "security": [],
+            "responses": _responses({"200": _ok("OpenAPI 3.1", {"type": "object"})}, "400"),
+        },
     },
 }
 
@@ -412,8 +688,8 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "Family-doctor IM server",
         "version": __version__,
-        "description": "REST API of the IM server. Every error is {\"error\": {\"code\", \"message\"}}. "
-                       "The WebSocket protocol (/ws?token=<jwt>) is described in the README.",
+        "description": 'REST API of the IM server. Every error is {"error": {"code", "message"}}. '
+        "The WebSocket protocol (/ws?token=<jwt>) is described in the README.",
     },
     "servers": [{"url": "/"}],
     "security": [{"bearerAuth": []}],

@@ -25,8 +25,14 @@ def make_request_logger(log_successes: bool) -> Callable[[tornado.web.RequestHan
         status = handler.get_status()
         level = success_level if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):
-            access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
-                           1000.0 * handler.request.request_time())
+            access_log.log(
+                level,
+                "%d %s %s %.1fms",
+                status,
+                handler.request.method,
+                handler.request.path,
+                1000.0 * handler.request.request_time(),
+            )
 
     return log_request
 
@@ -35,8 +41,9 @@ class SecurityHeaders(tornado.web.OutputTransform):
     """Adds SECURITY_HEADERS, a Content-Security-Policy and our Server name to every answer, whichever
     handler wrote it (REST, StaticFileHandler's /sdk/ files, a refused WebSocket handshake)."""
 
-    def transform_first_chunk(self, status_code: int, headers: httputil.HTTPHeaders, chunk: bytes,
-                              finishing: bool) -> tuple[int, httputil.HTTPHeaders, bytes]:
+    def transform_first_chunk(
+        self, status_code: int, headers: httputil.HTTPHeaders, chunk: bytes, finishing: bool
+    ) -> tuple[int, httputil.HTTPHeaders, bytes]:
         for name, value in SECURITY_HEADERS.items():
             headers.setdefault(name, value)
         # A handler with a stricter page policy of its own keeps it. A 304 carries no Content-Type, and

@@ -60,8 +60,7 @@ class TokenVerifier:
     accepted once stays within the cap; refusals are never cached.
     """
 
-    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES,
-                 max_ttl_secs: float = DEFAULT_MAX_TTL_SECS):
+    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES, max_ttl_secs: float = DEFAULT_MAX_TTL_SECS):
         self._secret = secret
         self._max_ttl_secs = max_ttl_secs
         self._max_entries = max_entries

@@ -23,12 +23,26 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message is one line meant for stderr."""
 
 
-def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            choices: tuple[str, ...] = (), non_empty: bool = False, normalize: Callable[[Any], Any] | None = None,
-            from_file: bool = True) -> Any:
+def setting(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] = (),
+    non_empty: bool = False,
+    normalize: Callable[[Any], Any] | None = None,
+    from_file: bool = True,
+) -> Any:
     """A field with the checks load_settings applies to its file value and IM_* variable alike."""
-    meta: dict[str, Any] = {"ge": ge, "gt": gt, "le": le, "choices": choices, "non_empty": non_empty,
-                            "from_file": from_file}
+    meta: dict[str, Any] = {
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "choices": choices,
+        "non_empty": non_empty,
+        "from_file": from_file,
+    }
     if normalize is not None:
         meta["normalize"] = normalize
     return dataclasses.field(default=default, metadata=meta)
@@ -167,8 +181,9 @@ def load_settings(env: Mapping[str, str] | None = None, conf_dir: Path = CONF_DI
     return settings
 
 
-def read_table(cls: type[Any], raw: Mapping[str, Any], env: Mapping[str, str], prefix: str, path: str,
-               table: str) -> dict[str, Any]:
+def read_table(
+    cls: type[Any], raw: Mapping[str, Any], env: Mapping[str, str], prefix: str, path: str, table: str
+) -> dict[str, Any]:
     """The values of one dataclass from its file table and IM_<PREFIX>_<KEY> variables (env wins)."""
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("from_file", True)]
@@ -233,7 +248,8 @@ def check_value(value: Any, hint: Any, field: dataclasses.Field[Any], source: st
         if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
             return tuple(value)
     elif set(typing.get_args(hint)) == {int, str, type(None)} and (
-            value is None or (isinstance(value, int | str) and not isinstance(value, bool))):
+        value is None or (isinstance(value, int | str) and not isinstance(value, bool))
+    ):
         return value
     raise ConfigError(f"invalid {source} {value!r}: expected {describe(hint)}")
 
@@ -280,5 +296,7 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"IM_AUTH_SECRET is too short: use at least {MIN_SECRET_CHARS} characters")
     websocket = settings.websocket
     if websocket.ping_timeout_secs > websocket.ping_interval_secs:
-        raise ConfigError("invalid [websocket]: ping_timeout_secs must be <= ping_interval_secs "
-                          "(IM_WEBSOCKET_PING_TIMEOUT_SECS, IM_WEBSOCKET_PING_INTERVAL_SECS)")
+        raise ConfigError(
+            "invalid [websocket]: ping_timeout_secs must be <= ping_interval_secs "
+            "(IM_WEBSOCKET_PING_TIMEOUT_SECS, IM_WEBSOCKET_PING_INTERVAL_SECS)"
+        )

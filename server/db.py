@@ -23,8 +23,6 @@ OPERATION_TIMEOUT_MS = 5000
 HEALTH_CHECK_TIMEOUT_SECS = 1.0
 
 
-
-
 def create_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
     """Build the client; it connects lazily on the running loop."""
     return AsyncMongoClient(
@@ -71,55 +69,77 @@ async def is_database_healthy(db: Database) -> bool:
 async def ensure_indexes(db: Database) -> None:
     """Create every index the server needs; create_indexes is idempotent."""
     for name in MESSAGE_COLLECTIONS:
-        await db[name].create_indexes([
-            # seq is dense per conversation; the unique index is what makes concurrent writers
-            # from several processes safe (a loser retries with the next seq).
-            IndexModel([("conv", ASCENDING), ("seq", ASCENDING)], unique=True, name="conv_seq"),
-            # Redundant on MongoDB (conv_seq's prefix serves it), but the embedded nx-27017 uses a
-            # compound index only when the query names every one of its fields (explain shows
-            # conv_seq for conv + seq): without it a query on conv alone scans the collection.
-            IndexModel([("conv", ASCENDING)], name="conv"),
-            # For nx-27017: it cannot use the partial index below (its filter is not implied by
-            # the query), so the idempotency lookup of a retried send scanned every message.
-            IndexModel([("clientMsgId", ASCENDING)], name="client_msg_id", sparse=True),
-            # Idempotent sends: one message per (sender, clientMsgId).
+        await db[name].create_indexes(
+            [
+                # seq is dense per conversation; the unique index is what makes concurrent writers
+                # from several processes safe (a loser retries with the next seq).
+                IndexModel([("conv", ASCENDING), ("seq", ASCENDING)], unique=True, name="conv_seq"),
+                # Redundant on MongoDB (conv_seq's prefix serves it), but the embedded nx-27017 uses a
+                # compound index only when the query names every one of its fields (explain shows
+                # conv_seq for conv + seq): without it a query on conv alone scans the collection.
+                IndexModel([("conv", ASCENDING)], name="conv"),
+                # For nx-27017: it cannot use the partial index below (its filter is not implied by
+                # the query), so the idempotency lookup of a retried send scanned every message.
+                IndexModel([("clientMsgId", ASCENDING)], name="client_msg_id", sparse=True),
+                # Idempotent sends: one message per (sender, clientMsgId).
+                IndexModel(
+                    [("from", ASCENDING), ("clientMsgId", ASCENDING)],
+                    unique=True,
+                    name="sender_client_msg_id",
+                    partialFilterExpression={"clientMsgId": {"$exists": True}},
+                ),
+                # Events the server writes itself (consultations): their own key space, out of clients' reach.
+                IndexModel(
+                    [("eventKey", ASCENDING)],
+                    unique=True,
+                    name="event_key",
+                    partialFilterExpression={"eventKey": {"$exists": True}},
+                ),
+                # Who may read an attachment: messages whose content is the file id (models/files.py).
+                IndexModel(
+                    [("content", ASCENDING)],
+                    name="media_content",
+                    partialFilterExpression={"contentType": {"$gte": 2, "$lte": 3}},
+                ),
+            ]
+        )
+    await db.conversations.create_indexes(
+        [
+            IndexModel([("members", ASCENDING)], name="members"),
+            # Per-party keys of pm/sm summaries (models/conversations.py): "<user>\x01<time>\x01<key>"
+            # pages a user's conversation list newest first with one range per side; single-field,
+            # so nx-27017 walks them too (a members + updatedAt compound it would not use).
+            IndexModel([("activityA", ASCENDING)], name="activity_a", sparse=True),
+            IndexModel([("activityB", ASCENDING)], name="activity_b", sparse=True),
+            # Set while the party may have messages above its received marker: the backlog's O(news).
+            IndexModel([("pendingA", ASCENDING)], name="pending_a", sparse=True),
+            IndexModel([("pendingB", ASCENDING)], name="pending_b", sparse=True),
+        ]
+    )
+    await db.cursors.create_indexes(
+        [
             IndexModel(
-                [("from", ASCENDING), ("clientMsgId", ASCENDING)],
+                [("user", ASCENDING), ("channel", ASCENDING), ("conv", ASCENDING)],
                 unique=True,
-                name="sender_client_msg_id",
-                partialFilterExpression={"clientMsgId": {"$exists": True}},
+                name="user_conversation",
             ),
-            # Events the server writes itself (consultations): their own key space, out of clients' reach.
-            IndexModel([("eventKey", ASCENDING)], unique=True, name="event_key",
-                       partialFilterExpression={"eventKey": {"$exists": True}}),
-            # Who may read an attachment: messages whose content is the file id (models/files.py).
-            IndexModel([("content", ASCENDING)], name="media_content",
-                       partialFilterExpression={"contentType": {"$gte": 2, "$lte": 3}}),
-        ])
-    await db.conversations.create_indexes([
-        IndexModel([("members", ASCENDING)], name="members"),
-        # Per-party keys of pm/sm summaries (models/conversations.py): "<user>\x01<time>\x01<key>"
-        # pages a user's conversation list newest first with one range per side; single-field,
-        # so nx-27017 walks them too (a members + updatedAt compound it would not use).
-        IndexModel([("activityA", ASCENDING)], name="activity_a", sparse=True),
-        IndexModel([("activityB", ASCENDING)], name="activity_b", sparse=True),
-        # Set while the party may have messages above its received marker: the backlog's O(news).
-        IndexModel([("pendingA", ASCENDING)], name="pending_a", sparse=True),
-        IndexModel([("pendingB", ASCENDING)], name="pending_b", sparse=True),
-    ])
-    await db.cursors.create_indexes([
-        IndexModel([("user", ASCENDING), ("channel", ASCENDING), ("conv", ASCENDING)],
-                   unique=True, name="user_conversation"),
-        IndexModel([("user", ASCENDING)], name="user"),  # for nx-27017, as above
-    ])
+            IndexModel([("user", ASCENDING)], name="user"),  # for nx-27017, as above
+        ]
+    )
     await db.groups.create_indexes([IndexModel([("members", ASCENDING)], name="members")])
-    await db.consultations.create_indexes([
-        IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
-        IndexModel([("patient", ASCENDING), ("startedAt", DESCENDING)], name="patient_started"),
-        IndexModel([("doctor", ASCENDING)], name="doctor"),  # for nx-27017, as above
-        IndexModel([("patient", ASCENDING)], name="patient"),
-        # One open consultation per (doctor, patient): models/consultations.open_key. The partial
-        # filter spares documents stored before the field existed (MongoDB; nx-27017 ignores it).
-        IndexModel([("openKey", ASCENDING)], unique=True, name="open_key",
-                   partialFilterExpression={"openKey": {"$exists": True}}),
-    ])
+    await db.consultations.create_indexes(
+        [
+            IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
+            IndexModel([("patient", ASCENDING), ("startedAt", DESCENDING)], name="patient_started"),
+            IndexModel([("doctor", ASCENDING)], name="doctor"),  # for nx-27017, as above
+            IndexModel([("patient", ASCENDING)], name="patient"),
+            # One open consultation per (doctor, patient): models/consultations.open_key. The partial
+            # filter spares documents stored before the field existed (MongoDB; nx-27017 ignores it).
+            IndexModel(
+                [("openKey", ASCENDING)],
+                unique=True,
+                name="open_key",
+                partialFilterExpression={"openKey": {"$exists": True}},
+            ),
+        ]
+    )

@@ -23,8 +23,10 @@ class SendRateLimiter:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_sec)
         if tokens < 1.0:
             self._buckets[user_id] = (tokens, now)
-            raise RateLimited(f"too many messages (event messages of groups and consultations count too): "
-                              f"at most {self.rate_per_sec:g} per second")
+            raise RateLimited(
+                f"too many messages (event messages of groups and consultations count too): "
+                f"at most {self.rate_per_sec:g} per second"
+            )
         self._buckets[user_id] = (tokens - 1.0, now)
         if len(self._buckets) > IDLE_BUCKETS_SWEEP:
             self._sweep(now)

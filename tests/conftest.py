@@ -4,78 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from pymongo import MongoClient
 
 from server.app import make_app
 from server.auth import mint_token
 from server.config import Settings, load_settings
 from server.db import create_client, ensure_indexes
 from server.services import build_services
-from tests.helpers import Api
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def nx_27017_command(port: int, data_dir: Path) -> list[str]:
-    executable = shutil.which("nx-27017", path=str(Path(sys.executable).parent)) or "nx-27017"
-    return [executable, "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-            "--log-file", str(data_dir / "nx.log"), "--pid-file", str(data_dir / "nx.pid")]
-
-
-class MongoProcess:
-    """An nx-27017 server on a free port with its own data directory."""
-
-    def __init__(self, data_dir: Path, port: int | None = None):
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.uri = f"mongodb://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(nx_27017_command(self.port, self.data_dir),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_mongo(self.uri)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def wait_for_mongo(uri: str, timeout_secs: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_secs
-    while True:
-        client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=500)
-        try:
-            client.admin.command("ping")
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-        finally:
-            client.close()
+from tests.helpers import Api, wait_until
+from tests.processes import ROOT, MongoProcess
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +29,22 @@ def mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoProcess]:
 @pytest.fixture
 def settings(mongo: MongoProcess) -> Settings:
     """The test profile on this session's database server, with a database of the test's own."""
-    return load_settings({
-        "IM_PROFILE": "test",
-        "IM_MONGO_URI": mongo.uri,
-        "IM_DB_NAME": f"t_{uuid.uuid4().hex[:12]}",
-    })
+    return load_settings(
+        {
+            "IM_PROFILE": "test",
+            "IM_MONGO_URI": mongo.uri,
+            "IM_DB_NAME": f"t_{uuid.uuid4().hex[:12]}",
+        }
+    )
+
+
+SERVER_CODE = tuple(str(ROOT / package) for package in ("server", "handlers", "models"))
+
+
+def is_server_task(task: asyncio.Task[object]) -> bool:
+    """A task running this project's code (not the driver's monitors, which live as long as the client)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.startswith(SERVER_CODE)
 
 
 @pytest.fixture
@@ -104,10 +55,18 @@ def services(settings, io_loop):
     yield built
 
     async def settle() -> None:
-        for socket in built.hub.all_sockets():  # sockets the test left open
-            socket.close()
-        await asyncio.sleep(0.05)  # their on_close queues presence writes
+        for handler in built.hub.all_sockets():  # sockets the test left open
+            handler.close()
+        # Their on_close unregisters them and queues presence writes; then those writes are done.
+        await wait_until(
+            lambda: built.hub.socket_count == 0, timeout=10, message="sockets still registered after close"
+        )
         await built.presence.drain()
+        # Work of the server's own that closed sockets left running (a backlog page in flight stops
+        # at its next page): let it end before the database goes, rather than destroy it pending.
+        leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and is_server_task(t)]
+        if leftover:
+            await asyncio.wait(leftover, timeout=5)
 
     io_loop.run_sync(settle)
     io_loop.run_sync(lambda: client.drop_database(settings.db_name))

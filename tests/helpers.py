@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +14,11 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 FRAME_TIMEOUT_SECS = 5.0
+
+# Who calls: as_=DOCTOR, as_=PATIENT, as_=SERVICE (the platform back end).
+DOCTOR = ("Rose", "doctor")
+PATIENT = ("Jack", "patient")
+SERVICE = ("platform", "service")
 
 
 class Response:
@@ -33,8 +41,15 @@ class Api:
         self.token = token
         self.sockets: list[WebSocketClientConnection] = []
 
-    async def request(self, method: str, path: str, body: Any = None, as_: tuple[str, str] | None = None,
-                      headers: dict[str, str] | None = None, raw_body: bytes | None = None) -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        as_: tuple[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        raw_body: bytes | None = None,
+    ) -> Response:
         all_headers = dict(headers or {})
         if as_ is not None:
             all_headers["Authorization"] = f"Bearer {self.token(*as_)}"
@@ -43,8 +58,14 @@ class Api:
             all_headers.setdefault("Content-Type", "application/json")
         if raw_body is None and method in ("POST", "PUT", "PATCH"):
             raw_body = b""
-        request = HTTPRequest(self.base_url + path, method=method, headers=all_headers, body=raw_body,
-                              allow_nonstandard_methods=True, request_timeout=20)
+        request = HTTPRequest(
+            self.base_url + path,
+            method=method,
+            headers=all_headers,
+            body=raw_body,
+            allow_nonstandard_methods=True,
+            request_timeout=20,
+        )
         response = await self.http_client.fetch(request, raise_error=False)
         return Response(response.code, response.body or b"", response.headers)
 
@@ -54,15 +75,20 @@ class Api:
     async def post(self, path: str, body: Any = None, as_: tuple[str, str] | None = None, **kwargs: Any) -> Response:
         return await self.request("POST", path, body, as_=as_, **kwargs)
 
-    async def send_pm(self, sender: str, to: str, content: str = "hello", role: str = "doctor",
-                      **extra: Any) -> dict[str, Any]:
-        response = await self.post("/api/v1/chats/pm", {"from": sender, "to": to, "contentType": 1,
-                                                        "content": content, **extra}, as_=(sender, role))
+    async def send_pm(
+        self, sender: str, to: str, content: str = "hello", role: str = "doctor", **extra: Any
+    ) -> dict[str, Any]:
+        response = await self.post(
+            "/api/v1/chats/pm",
+            {"from": sender, "to": to, "contentType": 1, "content": content, **extra},
+            as_=(sender, role),
+        )
         assert response.code in (200, 201), response.body
         return response.json  # type: ignore[no-any-return]
 
-    async def ws(self, user: str, role: str = "patient", token: str | None = None,
-                 headers: dict[str, str] | None = None) -> Socket:
+    async def ws(
+        self, user: str, role: str = "patient", token: str | None = None, headers: dict[str, str] | None = None
+    ) -> Socket:
         url = self.base_url.replace("http", "ws", 1) + f"/ws?token={token or self.token(user, role)}"
         conn = await websocket_connect(HTTPRequest(url, headers=headers or {}))
         self.sockets.append(conn)
@@ -118,3 +144,47 @@ def assert_error(response: Response, status: int, code: str | None = None, field
         assert body["error"]["code"] == code, body
     if field is not None:
         assert field in body["error"]["message"], body
+
+
+async def make_group(
+    api: Api, gid: str = "care-1", members: tuple[str, ...] = ("Rose", "Jack", "Lily"), group_type: int = 1
+) -> Any:
+    """A group created by the platform back end; its JSON."""
+    response = await api.post(
+        "/api/v1/groups",
+        {"id": gid, "name": "Care team", "groupType": group_type, "members": list(members)},
+        as_=SERVICE,
+    )
+    assert response.code == 201, response.body
+    return response.json
+
+
+async def wait_until(
+    condition: Callable[[], Any],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str = "condition not met in time",
+) -> None:
+    """Poll a condition (a function, or a coroutine function) until it is true; fail after `timeout` s.
+
+    Only for state that offers nothing to await (the hub's registry, updated in a close callback; a
+    value another process stores); prefer awaiting the frame, the close or the drain itself.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"{message} (within {timeout}s)"
+        await asyncio.sleep(interval)  # the polling interval, bounded by the deadline
+
+
+def assert_logged(caplog: Any, text: str, level: int = logging.WARNING) -> logging.LogRecord:
+    """The server logged `text` (a substring of the message) at `level`: an expected error, checked."""
+    for record in caplog.records:
+        if record.levelno == level and text in record.getMessage():
+            return record  # type: ignore[no-any-return]
+    seen = [(r.levelname, r.getMessage()) for r in caplog.records]
+    raise AssertionError(f"no {logging.getLevelName(level)} record containing {text!r} in {seen}")

@@ -25,8 +25,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from playwright.sync_api import expect as pw_expect
 
 from server.auth import mint_token
-from tests.conftest import MongoProcess, free_port
-from tests.processes import ROOT, ServerProcess
+from tests.processes import ROOT, MongoProcess, ServerProcess, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -42,8 +41,12 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 UI_TIMEOUT_MS = 10_000
 # The two screens the pages are made for (STYLE.md: test at a phone size as well as a desktop one).
-PHONE: dict[str, Any] = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
-                         "device_scale_factor": 3}
+PHONE: dict[str, Any] = {
+    "viewport": {"width": 390, "height": 844},
+    "is_mobile": True,
+    "has_touch": True,
+    "device_scale_factor": 3,
+}
 DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 800}}
 DEVICES = {"phone": PHONE, "desktop": DESKTOP}
 
@@ -59,8 +62,9 @@ class BrowserServer(ServerProcess):
     """`python run.py` on a fixed port and database, with the REST helpers the browser tests use."""
 
     def __init__(self, mongo_uri: str, secret: str, log_dir: Path):
-        super().__init__(free_port(), mongo_uri, f"b_{uuid.uuid4().hex[:12]}", log_dir / "server.log",
-                         IM_AUTH_SECRET=secret)
+        super().__init__(
+            free_port(), mongo_uri, f"b_{uuid.uuid4().hex[:12]}", log_dir / "server.log", IM_AUTH_SECRET=secret
+        )
         self.origin = self.base_url
         self.secret = secret
 
@@ -407,7 +411,7 @@ def test_received_markers_follow_and_read_gives_a_receipt(server: BrowserServer,
 
     deadline = time.monotonic() + 5
     while conversation()["receivedSeq"] != 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling the REST API for the stored marker, bounded: nothing to await
     assert conversation()["receivedSeq"] == 2
     assert conversation()["unread"] == 1
 
@@ -642,8 +646,13 @@ def test_one_state_with_statechange_and_get_token_before_every_attempt(server: B
         {"url": server.origin, "tokens": tokens, "goodToken": server.token("GtOther", "patient")},
     )
     assert result["initial"] == "idle"
-    assert result["states"] == ["idle>connecting", "connecting>open", "open>connecting", "connecting>open",
-                                "open>closed"]
+    assert result["states"] == [
+        "idle>connecting",
+        "connecting>open",
+        "open>connecting",
+        "connecting>open",
+        "open>closed",
+    ]
     assert result["errors"] == [] and result["calls"] == 3 and result["firstUser"] == "GtPatient"
     assert result["reconnected"] is True and result["seq"] == 1
     assert result["sockets"] == 3 and result["ownKeys"] == [[], [], []]
@@ -657,16 +666,26 @@ def test_one_state_with_statechange_and_get_token_before_every_attempt(server: B
 def test_history_pages_pm_gm_and_sm_over_rest(server: BrowserServer, pages: Pages) -> None:
     for n in range(1, 8):
         server.send_pm("HiDoctor", "HiPatient", f"第{n}条消息")
-    status, group = server.call("POST", "/api/v1/groups", {"id": "hi-group", "name": "诊所通知", "groupType": 1,
-                                                           "members": ["HiDoctor", "HiPatient"]},
-                                as_=("HiDoctor", "doctor"))
+    status, group = server.call(
+        "POST",
+        "/api/v1/groups",
+        {"id": "hi-group", "name": "诊所通知", "groupType": 1, "members": ["HiDoctor", "HiPatient"]},
+        as_=("HiDoctor", "doctor"),
+    )
     assert status == 201, group
-    status, gm = server.call("POST", "/api/v1/chats/gm", {"from": "HiDoctor", "group": "hi-group", "contentType": 1,
-                                                          "content": "明天停诊"}, as_=("HiDoctor", "doctor"))
+    status, gm = server.call(
+        "POST",
+        "/api/v1/chats/gm",
+        {"from": "HiDoctor", "group": "hi-group", "contentType": 1, "content": "明天停诊"},
+        as_=("HiDoctor", "doctor"),
+    )
     assert status == 201, gm
-    status, sm = server.call("POST", "/api/v1/chats/sm", {"to": "HiPatient", "title": "t", "summary": "s",
-                                                          "contentType": 1, "content": "系统通知"},
-                             as_=("platform", "service"))
+    status, sm = server.call(
+        "POST",
+        "/api/v1/chats/sm",
+        {"to": "HiPatient", "title": "t", "summary": "s", "contentType": 1, "content": "系统通知"},
+        as_=("platform", "service"),
+    )
     assert status == 201, sm
     page = pages.sdk_page(server)
     result = run_js(
@@ -757,15 +776,15 @@ def save_screenshot(page: Page, name: str) -> None:
 
 
 @pytest.mark.parametrize("size", ["phone", "desktop"])
-def test_patient_and_doctor_pages_work_on_a_phone_and_a_desktop(server: BrowserServer, pages: Pages,
-                                                                size: str) -> None:
+def test_patient_and_doctor_pages_work_on_a_phone_and_a_desktop(server: BrowserServer, pages: Pages, size: str) -> None:
     device = DEVICES[size]
     touch = size == "phone"
     patient_id, doctor_id = f"Mei-{size}", f"DrLi-{size}"
     server.send_pm(doctor_id, patient_id, "您好，我是李医生。今天感觉怎么样？")
 
-    patient = pages.open("patient", server.page_url("patient.html", server.token(patient_id, "patient"),
-                                                    peer=doctor_id), device=device)
+    patient = pages.open(
+        "patient", server.page_url("patient.html", server.token(patient_id, "patient"), peer=doctor_id), device=device
+    )
     wait_online(patient)
     wait_for_text(patient, "今天感觉怎么样")
     for selector in ("#status", "#thread", "#input", "#send"):

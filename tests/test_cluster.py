@@ -16,8 +16,8 @@ from tornado.websocket import websocket_connect
 
 from server.auth import mint_token
 from server.fanout import QUIET_POLL_MAX_SECS, ChangeStreamFanout, PollPacer
-from tests.conftest import free_port
-from tests.processes import ServerProcess
+from tests.helpers import wait_until
+from tests.processes import ServerProcess, free_port
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 pytestmark = pytest.mark.slow
@@ -36,8 +36,12 @@ def cluster(mongo, tmp_path):
 
 
 async def post(process: ServerProcess, path: str, body: dict, sub: str, role: str) -> tuple[int, dict]:
-    request = HTTPRequest(process.base_url + path, method="POST", body=json.dumps(body),
-                          headers={"Authorization": f"Bearer {mint_token(SECRET, sub, role)}"})
+    request = HTTPRequest(
+        process.base_url + path,
+        method="POST",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {mint_token(SECRET, sub, role)}"},
+    )
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
     return response.code, json.loads(response.body)
 
@@ -63,8 +67,13 @@ async def test_test_profile_delivers_a_message_sent_on_a_to_a_socket_on_b(cluste
     a, b = cluster
     assert all("IM_CHANGE_STREAMS" not in p.env and p.env["IM_PROFILE"] == "test" for p in cluster)
     jack = await connect(b, "Jack")
-    code, sent = await post(a, "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
-                                                    "content": "sent on A"}, "Rose", "doctor")
+    code, sent = await post(
+        a,
+        "/api/v1/chats/pm",
+        {"from": "Rose", "to": "Jack", "contentType": 1, "content": "sent on A"},
+        "Rose",
+        "doctor",
+    )
     assert code == 201
     (got,) = await read_messages(jack, 1)
     assert got["id"] == sent["id"] and got["content"] == "sent on A"
@@ -78,9 +87,13 @@ async def test_messages_posted_on_b_reach_a_socket_on_a_in_order_once(cluster):
     jack = await connect(a, "Jack")
     sent = []
     for i in range(30):
-        code, message = await post(b if i % 3 else a, "/api/v1/chats/pm",
-                                   {"from": "Rose", "to": "Jack", "contentType": 1, "content": f"m{i}"},
-                                   "Rose", "doctor")
+        code, message = await post(
+            b if i % 3 else a,
+            "/api/v1/chats/pm",
+            {"from": "Rose", "to": "Jack", "contentType": 1, "content": f"m{i}"},
+            "Rose",
+            "doctor",
+        )
         assert code == 201
         sent.append(message["id"])
     got = await read_messages(jack, 30)
@@ -98,8 +111,13 @@ async def test_concurrent_writers_on_both_processes_keep_each_socket_in_order(cl
 
     async def burst(process, sender, role, to, n):
         for i in range(n):
-            code, _ = await post(process, "/api/v1/chats/pm", {"from": sender, "to": to, "contentType": 1,
-                                                               "content": f"{sender}{i}"}, sender, role)
+            code, _ = await post(
+                process,
+                "/api/v1/chats/pm",
+                {"from": sender, "to": to, "contentType": 1, "content": f"{sender}{i}"},
+                sender,
+                role,
+            )
             assert code == 201
 
     await asyncio.gather(burst(a, "Rose", "doctor", "Jack", 20), burst(b, "Jack", "patient", "Rose", 20))
@@ -113,17 +131,26 @@ async def test_concurrent_writers_on_both_processes_keep_each_socket_in_order(cl
 async def test_group_fan_out_and_consultation_events_cross_processes(cluster):
     a, b = cluster
     lily, jack = await connect(a, "Lily"), await connect(a, "Jack")
-    code, _ = await post(b, "/api/v1/groups", {"id": "ward", "name": "Ward", "groupType": 0,
-                                               "members": ["Rose", "Jack", "Lily"]}, "platform", "service")
+    code, _ = await post(
+        b,
+        "/api/v1/groups",
+        {"id": "ward", "name": "Ward", "groupType": 0, "members": ["Rose", "Jack", "Lily"]},
+        "platform",
+        "service",
+    )
     assert code == 201
-    code, _ = await post(b, "/api/v1/chats/gm", {"from": "Rose", "group": "ward", "contentType": 1,
-                                                 "content": "rounds at 9"}, "Rose", "doctor")
+    code, _ = await post(
+        b,
+        "/api/v1/chats/gm",
+        {"from": "Rose", "group": "ward", "contentType": 1, "content": "rounds at 9"},
+        "Rose",
+        "doctor",
+    )
     assert code == 201
     for conn in (lily, jack):
         created, gm = await read_messages(conn, 2)
         assert created["event"] == "group.created" and gm["content"] == "rounds at 9"
-    code, consultation = await post(b, "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"},
-                                    "Rose", "doctor")
+    code, consultation = await post(b, "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, "Rose", "doctor")
     assert code == 201
     event = (await read_messages(jack, 1))[0]
     assert event["event"] == "consultation.started" and event["consultationId"] == consultation["id"]
@@ -136,17 +163,25 @@ async def test_killing_b_mid_stream_loses_nothing_acknowledged(cluster):
     a, b = cluster
     jack = await connect(a, "Jack")
     acknowledged = []
+    under_way = asyncio.Event()
 
     async def doctor_on_b():
         for i in range(200):
-            code, message = await post(b, "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
-                                                               "content": f"k{i}"}, "Rose", "doctor")
+            code, message = await post(
+                b,
+                "/api/v1/chats/pm",
+                {"from": "Rose", "to": "Jack", "contentType": 1, "content": f"k{i}"},
+                "Rose",
+                "doctor",
+            )
             if code != 201:
                 return
             acknowledged.append(message["id"])
+            if len(acknowledged) == 20:
+                under_way.set()
 
     sender = asyncio.ensure_future(doctor_on_b())
-    await asyncio.sleep(0.5)
+    await asyncio.wait_for(under_way.wait(), 20)  # mid-stream: 20 of 200 acknowledged
     b.signal(signal.SIGKILL)
     with contextlib.suppress(Exception):  # the connection to B broke mid-request: not acknowledged
         await sender
@@ -163,21 +198,23 @@ async def test_presence_is_shared_between_processes(cluster):
     a, b = cluster
 
     async def presence_on_b() -> dict:
-        request = HTTPRequest(b.base_url + "/api/v1/users/Jack/presence",
-                              headers={"Authorization": f"Bearer {mint_token(SECRET, 'Rose', 'doctor')}"})
+        request = HTTPRequest(
+            b.base_url + "/api/v1/users/Jack/presence",
+            headers={"Authorization": f"Bearer {mint_token(SECRET, 'Rose', 'doctor')}"},
+        )
         return json.loads((await AsyncHTTPClient().fetch(request)).body)
 
+    async def online_on_b() -> bool:
+        return (await presence_on_b())["online"] is True
+
+    async def offline_on_b() -> bool:
+        return (await presence_on_b())["online"] is False
+
     jack = await connect(a, "Jack")
-    for _ in range(50):  # the presence write is asynchronous
-        if (await presence_on_b())["online"]:
-            break
-        await asyncio.sleep(0.05)
-    assert (await presence_on_b())["online"] is True
+    # The presence write is asynchronous and B reads what A stored: nothing to await but the store.
+    await wait_until(online_on_b, timeout=2.5, interval=0.05, message="Jack not online on B")
     jack.close()
-    for _ in range(50):
-        if not (await presence_on_b())["online"]:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(offline_on_b, timeout=2.5, interval=0.05, message="Jack still online on B")
     gone = await presence_on_b()
     assert gone["online"] is False and gone["lastSeen"]
 
@@ -212,14 +249,14 @@ def process_a(mongo, settings, tmp_path):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_idle_follower_polls_a_few_times_a_second_and_the_first_message_after_still_comes_fast(
-        services, settings, api, process_a):
+    services, settings, api, process_a
+):
     """nx-27017 answers an empty getMore at once: a quiet follower must back off (it polled every 20 ms,
     150 getMores a second: 13 % of a core), yet deliver the first message after the quiet within 1 s."""
     counter = GetMoreCounter()
     client: AsyncMongoClient[dict] = AsyncMongoClient(settings.mongo_uri, tz_aware=True, event_listeners=[counter])
     # This process's fan-out, wired as server/lifecycle.py wires it, on a client whose getMores we count.
-    fanout = ChangeStreamFanout(client[settings.db_name], services.hub, services.groups,
-                                services.messages.stored_ids)
+    fanout = ChangeStreamFanout(client[settings.db_name], services.hub, services.groups, services.messages.stored_ids)
     try:
         jack = await api.ws("Jack")
         fanout.start()
@@ -227,13 +264,19 @@ async def test_idle_follower_polls_a_few_times_a_second_and_the_first_message_af
         window_secs = 4 * QUIET_POLL_MAX_SECS
         # The pace doubles from 20 ms to QUIET_POLL_MAX_SECS within about 2 × QUIET_POLL_MAX_SECS.
         quiet_from = started + 2.5 * QUIET_POLL_MAX_SECS
-        await asyncio.sleep(quiet_from + window_secs - time.monotonic())  # the measuring window itself
+        # The measuring window itself (the behaviour under test is how often a quiet follower polls).
+        await asyncio.sleep(quiet_from + window_secs - time.monotonic())
         polls = counter.count_between(quiet_from, quiet_from + window_secs)
         # Three streams, each at most once per QUIET_POLL_MAX_SECS (+1 for the window's edges).
         assert polls <= 3 * (window_secs / QUIET_POLL_MAX_SECS + 1), polls
 
-        code, sent = await post(process_a, "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
-                                                                "content": "after the quiet"}, "Rose", "doctor")
+        code, sent = await post(
+            process_a,
+            "/api/v1/chats/pm",
+            {"from": "Rose", "to": "Jack", "contentType": 1, "content": "after the quiet"},
+            "Rose",
+            "doctor",
+        )
         stored = time.monotonic()
         assert code == 201
         frame = await jack.recv_type("message")

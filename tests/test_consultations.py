@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.helpers import assert_error
-from tests.test_messaging import DOCTOR, PATIENT, SERVICE, make_group
+from tests.helpers import DOCTOR, PATIENT, SERVICE, assert_error, make_group, wait_until
 
 
 @pytest.mark.gen_test
@@ -38,8 +35,9 @@ async def test_service_names_the_operator_and_events_reach_the_backlog(api):
     # Rose has used no token here: the platform declares her a doctor (models/directory.py).
     declared = await api.request("PUT", "/api/v1/users/Rose/role", {"role": "doctor"}, as_=SERVICE)
     assert declared.code == 200 and declared.json["role"] == "doctor"
-    started = await api.post("/api/v1/consultations",
-                             {"doctor": "Rose", "patient": "Jack", "operator": "nurse-amy"}, as_=SERVICE)
+    started = await api.post(
+        "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack", "operator": "nurse-amy"}, as_=SERVICE
+    )
     assert started.code == 201 and started.json["startedBy"] == "nurse-amy"
     missing = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Lily"}, as_=SERVICE)
     assert_error(missing, 400, field="operator")
@@ -55,8 +53,9 @@ async def test_service_names_the_operator_and_events_reach_the_backlog(api):
 async def test_consultation_rules(api):
     as_other = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, as_=("Bob", "doctor"))
     assert_error(as_other, 403)
-    named = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Jack", "operator": "Bob"},
-                           as_=DOCTOR)
+    named = await api.post(
+        "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack", "operator": "Bob"}, as_=DOCTOR
+    )
     assert_error(named, 403, field="operator")
     assert_error(await api.post("/api/v1/consultations", {"doctor": "Rose"}, as_=DOCTOR), 400, field="patient")
     first = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, as_=PATIENT)
@@ -84,16 +83,18 @@ async def test_list_consultations_by_user_and_status(api):
 
 
 @pytest.mark.gen_test
-async def test_presence_follows_sockets_and_is_private_for_patients(api):
+async def test_presence_follows_sockets_and_is_private_for_patients(api, services):
     offline = await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)
     assert offline.json == {"user": "Jack", "online": False, "lastSeen": None}
     first, second = await api.ws("Jack"), await api.ws("Jack")
     assert (await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)).json["online"] is True
     first.close()
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: services.hub.count_sockets("Jack") == 1)  # the server has seen the close
+    await services.presence.drain()
     assert (await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)).json["online"] is True
     second.close()
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: not services.hub.is_online("Jack"))
+    await services.presence.drain()
     gone = (await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)).json
     assert gone["online"] is False and gone["lastSeen"].endswith("Z")
 

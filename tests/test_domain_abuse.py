@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.helpers import assert_error
-from tests.test_messaging import DOCTOR, PATIENT, SERVICE, make_group
+from tests.helpers import DOCTOR, PATIENT, SERVICE, assert_error, make_group, wait_until
 
 RATE_BURST = 3
 SLOW_RATE_PER_SEC = 0.01  # no token comes back during a test
@@ -38,8 +37,9 @@ def with_limits(**changes):
 
 
 async def gm(api, sender, group, content, role="doctor"):
-    response = await api.post("/api/v1/chats/gm", {"from": sender, "group": group, "contentType": 1,
-                                                   "content": content}, as_=(sender, role))
+    response = await api.post(
+        "/api/v1/chats/gm", {"from": sender, "group": group, "contentType": 1, "content": content}, as_=(sender, role)
+    )
     assert response.code == 201, response.body
     return response.json
 
@@ -57,9 +57,10 @@ async def post_all_at_once(api, path, body, as_, count):
     server starts them all in one go (a client's pool trickles them; a real burst does not)."""
     url = urlsplit(api.base_url)
     payload = json.dumps(body).encode()
-    request = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {api.token(*as_)}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-               ).encode() + payload
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {api.token(*as_)}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
     connections = [await asyncio.open_connection(url.hostname, url.port) for _ in range(count)]
     for _reader, writer in connections:
         writer.write(request)
@@ -121,8 +122,7 @@ async def test_group_size_limit_counts_the_whole_group(api):
 @with_limits(max_group_members=GROUP_LIMIT)
 async def test_parallel_adds_cannot_pass_the_group_limit_together(api):
     await make_group(api, members=("Rose", "Jack", "Lily"))
-    adds = [api.post("/api/v1/groups/care-1/members", {"members": [f"a{i}", f"b{i}"]}, as_=DOCTOR)
-            for i in range(4)]
+    adds = [api.post("/api/v1/groups/care-1/members", {"members": [f"a{i}", f"b{i}"]}, as_=DOCTOR) for i in range(4)]
     codes = sorted(r.code for r in await asyncio.gather(*adds))
     assert codes == [200, 409, 409, 409]
     group = (await api.get("/api/v1/groups/care-1", as_=SERVICE)).json
@@ -180,12 +180,14 @@ async def test_group_creation_is_rate_limited(api):
     for i in range(RATE_BURST):
         body = {"id": f"g{i}", "name": "n", "groupType": 0, "members": ["Jack"]}
         assert (await api.post("/api/v1/groups", body, as_=DOCTOR)).code == 201
-    over = await api.post("/api/v1/groups", {"id": "g-over", "name": "n", "groupType": 0, "members": ["Jack"]},
-                          as_=DOCTOR)
+    over = await api.post(
+        "/api/v1/groups", {"id": "g-over", "name": "n", "groupType": 0, "members": ["Jack"]}, as_=DOCTOR
+    )
     assert_error(over, 429, "rate_limited")
     assert_error(await api.get("/api/v1/groups/g-over", as_=SERVICE), 404)
-    other = await api.post("/api/v1/groups", {"id": "g-ann", "name": "n", "groupType": 0, "members": ["Jack"]},
-                           as_=("Ann", "doctor"))
+    other = await api.post(
+        "/api/v1/groups", {"id": "g-ann", "name": "n", "groupType": 0, "members": ["Jack"]}, as_=("Ann", "doctor")
+    )
     assert other.code == 201  # per caller: another doctor is not held back
 
 
@@ -196,8 +198,7 @@ async def test_member_notices_are_rate_limited(api):
     for i in range(RATE_BURST - 1):
         assert (await api.post("/api/v1/groups/care-1/members", {"members": [f"m{i}"]}, as_=DOCTOR)).code == 200
     assert (await api.request("DELETE", "/api/v1/groups/care-1/members/m0", as_=DOCTOR)).code == 200
-    assert_error(await api.post("/api/v1/groups/care-1/members", {"members": ["m9"]}, as_=DOCTOR), 429,
-                 "rate_limited")
+    assert_error(await api.post("/api/v1/groups/care-1/members", {"members": ["m9"]}, as_=DOCTOR), 429, "rate_limited")
     assert_error(await api.request("DELETE", "/api/v1/groups/care-1/members/m1", as_=DOCTOR), 429, "rate_limited")
     group = (await api.get("/api/v1/groups/care-1", as_=SERVICE)).json
     assert group["members"] == ["Rose", "Jack", "m1"]
@@ -210,8 +211,9 @@ async def test_member_notices_are_rate_limited(api):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_parallel_starts_open_one_consultation(api):
-    answers = await post_all_at_once(api, "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"},
-                                     DOCTOR, PARALLEL_STARTS)
+    answers = await post_all_at_once(
+        api, "/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, DOCTOR, PARALLEL_STARTS
+    )
     assert sorted(code for code, _ in answers) == [201] + [409] * (PARALLEL_STARTS - 1), answers
     assert all(answer["error"]["code"] == "consultation_open" for code, answer in answers if code == 409)
     events = (await api.get("/api/v1/chats/pm?user_id=Rose&peer=Jack", as_=DOCTOR)).json["messages"]
@@ -241,8 +243,9 @@ async def test_a_patient_cannot_name_another_patient_as_its_doctor(api, services
     ann.close()
     # Nor may a doctor be the patient side.
     await api.get("/api/v1/conversations?user_id=Bob", as_=("Bob", "doctor"))
-    swapped = await api.post("/api/v1/consultations", {"doctor": "Ann", "patient": "Bob", "operator": "Ann"},
-                             as_=SERVICE)
+    swapped = await api.post(
+        "/api/v1/consultations", {"doctor": "Ann", "patient": "Bob", "operator": "Ann"}, as_=SERVICE
+    )
     assert_error(swapped, 409, "patient_is_doctor", "patient")
 
     await services.directory.drain()
@@ -255,10 +258,15 @@ async def test_staff_declare_roles_and_nobody_else_may(api):
     declare = {"role": "doctor"}
     assert_error(await api.request("PUT", "/api/v1/users/Ghost/role", declare, as_=PATIENT), 403, "forbidden")
     assert_error(await api.request("PUT", "/api/v1/users/Ghost/role", declare, as_=DOCTOR), 403, "forbidden")
-    assert_error(await api.request("PUT", "/api/v1/users/Ghost/role", {"role": "admin"}, as_=SERVICE), 400,
-                 "invalid_field", "role")
-    assert_error(await api.request("PUT", "/api/v1/users/Ghost/role", {"role": ["doctor"]}, as_=SERVICE), 400,
-                 field="role")
+    assert_error(
+        await api.request("PUT", "/api/v1/users/Ghost/role", {"role": "admin"}, as_=SERVICE),
+        400,
+        "invalid_field",
+        "role",
+    )
+    assert_error(
+        await api.request("PUT", "/api/v1/users/Ghost/role", {"role": ["doctor"]}, as_=SERVICE), 400, field="role"
+    )
     assert_error(await api.request("PUT", "/api/v1/users/%24ne/role", declare, as_=SERVICE), 400, field="id")
     declared = await api.request("PUT", "/api/v1/users/Ghost/role", declare, as_=SERVICE)
     assert declared.code == 200
@@ -269,8 +277,7 @@ async def test_staff_declare_roles_and_nobody_else_may(api):
     # A declaration wins over tokens: Rose declared a patient is no consultation's doctor.
     await api.get("/api/v1/conversations?user_id=Rose", as_=DOCTOR)
     assert (await api.request("PUT", "/api/v1/users/Rose/role", {"role": "patient"}, as_=SERVICE)).code == 200
-    refused = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Lily"},
-                             as_=("Lily", "patient"))
+    refused = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Lily"}, as_=("Lily", "patient"))
     assert_error(refused, 409, "not_a_doctor")
 
 
@@ -302,13 +309,21 @@ async def test_presence_has_a_last_seen_as_soon_as_the_user_is_offline(api, serv
         services.presence.user_came_online(f"crowd-{i}")
     jack = await api.ws("Jack")
     jack.close()
-    for _ in range(500):  # until the server has seen the close (bounded)
-        if not services.hub.is_online("Jack"):
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: not services.hub.is_online("Jack"))  # the server has seen the close
     answered = (await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)).json
     assert await services.db.presence.find_one({"_id": "Jack"}) is None  # the write was still queued
     assert answered["online"] is False and answered["lastSeen"] is not None, answered
     await services.presence.drain()
     stored = (await api.get("/api/v1/users/Jack/presence", as_=DOCTOR)).json
     assert stored == answered  # the time kept in memory is the time stored
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_full_group_of_long_ids_is_created_in_one_call(api):
+    """5,000 members of 100-character ids (~525 KB of JSON) pass the body cap of member lists."""
+    members = [f"{i:05d}-" + "r" * 94 for i in range(5000)]
+    created = await api.post(
+        "/api/v1/groups", {"id": "clinic-notices", "name": "Notices", "groupType": 1, "members": members}, as_=SERVICE
+    )
+    assert created.code == 201, created.body[:200]
+    assert len(created.json["members"]) == 5000

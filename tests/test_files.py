@@ -30,21 +30,24 @@ def png_bytes() -> bytes:
 
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\x00\xff\x00\x00")
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def ogg_opus_bytes(payload_size: int = 600_000) -> bytes:
     """An Ogg page carrying an OpusHead, then payload: several GridFS chunks long."""
     opus_head = b"OpusHead" + bytes([1, 1]) + struct.pack("<HIhB", 312, 48000, 0, 0)
-    page = (b"OggS" + bytes([0, 2]) + bytes(8) + struct.pack("<III", 0x1234, 0, 0)
-            + bytes([1, len(opus_head)]) + opus_head)
+    page = (
+        b"OggS" + bytes([0, 2]) + bytes(8) + struct.pack("<III", 0x1234, 0, 0) + bytes([1, len(opus_head)]) + opus_head
+    )
     return page + bytes(i % 251 for i in range(payload_size))
 
 
-def multipart(data: bytes, content_type: str | None = "application/octet-stream",
-              field: str = "file", filename: str | None = "upload.bin",
-              ) -> tuple[bytes, dict[str, str]]:
+def multipart(
+    data: bytes,
+    content_type: str | None = "application/octet-stream",
+    field: str = "file",
+    filename: str | None = "upload.bin",
+) -> tuple[bytes, dict[str, str]]:
     disposition = f'form-data; name="{field}"'
     if filename is not None:
         disposition += f'; filename="{filename}"'
@@ -55,8 +58,7 @@ def multipart(data: bytes, content_type: str | None = "application/octet-stream"
     return body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
-async def upload(api, data: bytes, content_type: str | None = "application/octet-stream",
-                 as_=DOCTOR, **kwargs):
+async def upload(api, data: bytes, content_type: str | None = "application/octet-stream", as_=DOCTOR, **kwargs):
     body, headers = multipart(data, content_type, **kwargs)
     return await api.post("/api/v1/files", as_=as_, raw_body=body, headers=headers)
 
@@ -78,8 +80,12 @@ async def test_upload_png_then_download_same_bytes_with_safe_headers(api):
     assert response.code == 201, response.body
     stored = response.json
     assert re.fullmatch(r"[0-9a-f]{24}", stored["id"])
-    assert stored == {"id": stored["id"], "url": f"/api/v1/files/{stored['id']}",
-                      "mimeType": "image/png", "size": len(data)}
+    assert stored == {
+        "id": stored["id"],
+        "url": f"/api/v1/files/{stored['id']}",
+        "mimeType": "image/png",
+        "size": len(data),
+    }
 
     download = await api.get(stored["url"], as_=DOCTOR)
     assert download.code == 200
@@ -115,8 +121,7 @@ async def test_voice_upload_spanning_several_chunks_streams_back_intact(api, ser
 async def test_range_request_for_media_players(api):
     data = ogg_opus_bytes(300_000)
     file_id = await uploaded_id(api, data, content_type="audio/ogg")
-    partial = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR,
-                            headers={"Range": "bytes=261000-261199"})
+    partial = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"Range": "bytes=261000-261199"})
     assert partial.code == 206
     assert partial.body == data[261000:261200]  # across the first chunk boundary
     assert partial.headers["Content-Range"] == f"bytes 261000-261199/{len(data)}"
@@ -124,8 +129,7 @@ async def test_range_request_for_media_players(api):
     tail = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"Range": "bytes=-10"})
     assert tail.code == 206 and tail.body == data[-10:]
 
-    beyond = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR,
-                           headers={"Range": f"bytes={len(data)}-"})
+    beyond = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"Range": f"bytes={len(data)}-"})
     assert_error(beyond, 416, "range_not_satisfiable")
 
 
@@ -143,8 +147,9 @@ async def test_unsatisfiable_range_says_how_large_the_file_is(api):
 @pytest.mark.gen_test
 async def test_if_none_match_star_or_any_listed_tag_is_304_for_an_existing_file(api, if_none_match):
     file_id = await uploaded_id(api)
-    again = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR,
-                          headers={"If-None-Match": if_none_match.replace("{id}", file_id)})
+    again = await api.get(
+        f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"If-None-Match": if_none_match.replace("{id}", file_id)}
+    )
     assert again.code == 304 and again.body == b""
     assert again.headers["ETag"] == f'"{file_id}"'
     other = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"If-None-Match": '"something-else"'})
@@ -157,40 +162,45 @@ async def test_head_and_conditional_get(api):
     head = await api.request("HEAD", f"/api/v1/files/{file_id}", as_=DOCTOR)
     assert head.code == 200 and head.body == b""
     assert head.headers["Content-Length"] == str(len(png_bytes()))
-    again = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR,
-                          headers={"If-None-Match": head.headers["ETag"]})
+    again = await api.get(f"/api/v1/files/{file_id}", as_=DOCTOR, headers={"If-None-Match": head.headers["ETag"]})
     assert again.code == 304
 
 
-@pytest.mark.parametrize("declared, data", [
-    ("image/png", b"<html><script>alert(1)</script></html>"),  # spoofed header, HTML bytes
-    ("image/png", ogg_opus_bytes(100)),  # a real voice file claiming to be an image
-    ("application/octet-stream", b"%PDF-1.7 not an image"),  # unknown type
-    ("image/jpeg", png_bytes()),  # the wrong image type
-    ("audio/ogg", b"OggS\x00\x02" + bytes(40) + b"\x80theora"),  # Ogg video, not voice
-])
+@pytest.mark.parametrize(
+    "declared, data",
+    [
+        ("image/png", b"<html><script>alert(1)</script></html>"),  # spoofed header, HTML bytes
+        ("image/png", ogg_opus_bytes(100)),  # a real voice file claiming to be an image
+        ("application/octet-stream", b"%PDF-1.7 not an image"),  # unknown type
+        ("image/jpeg", png_bytes()),  # the wrong image type
+        ("audio/ogg", b"OggS\x00\x02" + bytes(40) + b"\x80theora"),  # Ogg video, not voice
+    ],
+)
 @pytest.mark.gen_test
 async def test_bytes_decide_the_type_not_the_header(api, declared, data):
     response = await upload(api, data, declared)
     assert_error(response, 400, "invalid_field", "file")
 
 
-@pytest.mark.parametrize("head, expected", [
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image/jpeg"),
-    (b"GIF89a\x01\x00", "image/gif"),
-    (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "image/webp"),
-    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "audio/wav"),
-    (b"ID3\x04\x00\x00\x00\x00\x00\x00", "audio/mpeg"),
-    (b"\xff\xfb\x90\x64\x00", "audio/mpeg"),
-    (b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00", "audio/mp4"),
-    (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00", "audio/mp4"),
-    (b"\xff\xf1\x50\x80\x02\x1f\xfc", "audio/aac"),
-    (b"#!AMR\n\x3c", "audio/amr"),
-    (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "audio/webm"),
-    (b"\x1a\x45\xdf\xa3\x9f\x42\x82\x88matroska", None),
-    (b"\x00\x00\x00\x18ftypqt  ", None),
-    (b"hello", None),
-])
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image/jpeg"),
+        (b"GIF89a\x01\x00", "image/gif"),
+        (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "image/webp"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "audio/wav"),
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00", "audio/mpeg"),
+        (b"\xff\xfb\x90\x64\x00", "audio/mpeg"),
+        (b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00", "audio/mp4"),
+        (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00", "audio/mp4"),
+        (b"\xff\xf1\x50\x80\x02\x1f\xfc", "audio/aac"),
+        (b"#!AMR\n\x3c", "audio/amr"),
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "audio/webm"),
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x82\x88matroska", None),
+        (b"\x00\x00\x00\x18ftypqt  ", None),
+        (b"hello", None),
+    ],
+)
 def test_detect_mime_type_from_magic_numbers(head, expected):
     assert detect_mime_type(head) == expected
 
@@ -198,8 +208,9 @@ def test_detect_mime_type_from_magic_numbers(head, expected):
 @pytest.mark.gen_test
 async def test_missing_or_malformed_upload_names_file(api):
     no_field, headers = multipart(png_bytes(), field="picture")
-    assert_error(await api.post("/api/v1/files", as_=DOCTOR, raw_body=no_field, headers=headers),
-                 400, "invalid_field", "file")
+    assert_error(
+        await api.post("/api/v1/files", as_=DOCTOR, raw_body=no_field, headers=headers), 400, "invalid_field", "file"
+    )
     as_json = await api.post("/api/v1/files", {"file": "aGVsbG8="}, as_=DOCTOR)
     assert_error(as_json, 400, "invalid_field", "file")
     truncated, headers = multipart(png_bytes())
@@ -229,19 +240,19 @@ async def test_too_large_upload_is_413_with_envelope(api, settings):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_chunked_upload_over_the_cap_is_413_with_envelope(http_client, base_url, token,
-                                                                 settings):
+async def test_chunked_upload_over_the_cap_is_413_with_envelope(http_client, base_url, token, settings):
     """Without Content-Length the size is only known while reading: still a 413 envelope."""
     body, headers = multipart(bytes(settings.limits.max_file_bytes * 2))
 
     async def produce(write):
         for start in range(0, len(body), 256 * 1024):
-            await write(body[start:start + 256 * 1024])
+            await write(body[start : start + 256 * 1024])
 
     headers["Authorization"] = f"Bearer {token(*DOCTOR)}"
-    response = await http_client.fetch(HTTPRequest(f"{base_url}/api/v1/files", method="POST",
-                                                   headers=headers, body_producer=produce),
-                                       raise_error=False)
+    response = await http_client.fetch(
+        HTTPRequest(f"{base_url}/api/v1/files", method="POST", headers=headers, body_producer=produce),
+        raise_error=False,
+    )
     assert response.code == 413, response.body
     assert json.loads(response.body)["error"]["code"] == "too_large"
 
@@ -252,10 +263,14 @@ async def test_enormous_declared_length_is_refused_before_the_body(api, base_url
     host, port = re.match(r"http://([^:]+):(\d+)", base_url).groups()
     reader, writer = await asyncio.open_connection(host, int(port))
     token = api.token(*DOCTOR)
-    writer.write((f"POST /api/v1/files HTTP/1.1\r\nHost: {host}\r\n"
-                  f"Authorization: Bearer {token}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                  "Content-Length: 10000000000\r\n\r\n").encode())
+    writer.write(
+        (
+            f"POST /api/v1/files HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            "Content-Length: 10000000000\r\n\r\n"
+        ).encode()
+    )
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
@@ -279,8 +294,9 @@ async def test_stranger_gets_404_exactly_like_a_missing_file(api):
     assert_error(refused, 404, "not_found", "id")
     missing = await api.get(f"/api/v1/files/{'0' * 24}", as_=STRANGER)
     assert_error(missing, 404, "not_found", "id")
-    assert refused.json["error"]["message"].replace(file_id, "X") == \
-        missing.json["error"]["message"].replace("0" * 24, "X")
+    assert refused.json["error"]["message"].replace(file_id, "X") == missing.json["error"]["message"].replace(
+        "0" * 24, "X"
+    )
     assert_error(await api.get("/api/v1/files/not-an-id", as_=DOCTOR), 404, "not_found", "id")
 
 
@@ -288,27 +304,25 @@ async def test_stranger_gets_404_exactly_like_a_missing_file(api):
 async def test_pm_recipient_may_download_once_a_message_references_the_file(api):
     file_id = await uploaded_id(api)
     assert (await api.get(f"/api/v1/files/{file_id}", as_=PATIENT)).code == 404
-    sent = await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2,
-                                  "content": file_id}, as_=DOCTOR)
+    sent = await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2, "content": file_id}, as_=DOCTOR)
     assert sent.code == 201, sent.body
     assert sent.json["content"] == file_id
     download = await api.get(f"/api/v1/files/{file_id}", as_=PATIENT)
     assert download.code == 200 and download.body == png_bytes()
     assert (await api.get(f"/api/v1/files/{file_id}", as_=STRANGER)).code == 404
     # A text message that happens to contain the id grants nothing.
-    await send(api, "pm", {"from": "Rose", "to": "Mallory", "contentType": 1, "content": file_id},
-               as_=DOCTOR)
+    await send(api, "pm", {"from": "Rose", "to": "Mallory", "contentType": 1, "content": file_id}, as_=DOCTOR)
     assert (await api.get(f"/api/v1/files/{file_id}", as_=STRANGER)).code == 404
 
 
 @pytest.mark.gen_test
 async def test_group_members_may_download_while_they_are_members(api):
-    created = await api.post("/api/v1/groups", {"id": "care-1", "name": "Care", "groupType": 1,
-                                                "members": ["Rose", "Jack"]}, as_=SERVICE)
+    created = await api.post(
+        "/api/v1/groups", {"id": "care-1", "name": "Care", "groupType": 1, "members": ["Rose", "Jack"]}, as_=SERVICE
+    )
     assert created.code == 201, created.body
     file_id = await uploaded_id(api, ogg_opus_bytes(1000), content_type="audio/ogg")
-    sent = await send(api, "gm", {"from": "Rose", "group": "care-1", "contentType": 3,
-                                  "content": file_id}, as_=DOCTOR)
+    sent = await send(api, "gm", {"from": "Rose", "group": "care-1", "contentType": 3, "content": file_id}, as_=DOCTOR)
     assert sent.code == 201, sent.body
     assert (await api.get(f"/api/v1/files/{file_id}", as_=PATIENT)).code == 200
     assert (await api.get(f"/api/v1/files/{file_id}", as_=STRANGER)).code == 404
@@ -321,8 +335,12 @@ async def test_group_members_may_download_while_they_are_members(api):
 async def test_system_message_recipient_and_staff_may_download(api):
     file_id = await uploaded_id(api, as_=SERVICE)
     assert (await api.get(f"/api/v1/files/{file_id}", as_=PATIENT)).code == 404
-    sent = await send(api, "sm", {"to": "Jack", "title": "Your report", "summary": "",
-                                  "contentType": 2, "content": file_id}, as_=SERVICE)
+    sent = await send(
+        api,
+        "sm",
+        {"to": "Jack", "title": "Your report", "summary": "", "contentType": 2, "content": file_id},
+        as_=SERVICE,
+    )
     assert sent.code == 201, sent.body
     assert (await api.get(f"/api/v1/files/{file_id}", as_=PATIENT)).code == 200
     own = await uploaded_id(api, as_=STRANGER)
@@ -331,25 +349,24 @@ async def test_system_message_recipient_and_staff_may_download(api):
 
 @pytest.mark.gen_test
 async def test_message_with_a_file_id_the_sender_may_not_attach_is_rejected(api):
-    missing = await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2,
-                                     "content": "0123456789abcdef01234567"}, as_=DOCTOR)
+    missing = await send(
+        api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2, "content": "0123456789abcdef01234567"}, as_=DOCTOR
+    )
     assert_error(missing, 400, "invalid_field", "content")
     others = await uploaded_id(api, as_=STRANGER)
     # Attaching someone else's file to a message to yourself would be a way to read it.
-    borrowed = await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2,
-                                      "content": others}, as_=DOCTOR)
+    borrowed = await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2, "content": others}, as_=DOCTOR)
     assert_error(borrowed, 400, "invalid_field", "content")
     assert missing.json["error"]["message"].replace("0123456789abcdef01234567", "X").replace(
-        "Rose", "S") == borrowed.json["error"]["message"].replace(others, "X").replace("Rose", "S")
+        "Rose", "S"
+    ) == borrowed.json["error"]["message"].replace(others, "X").replace("Rose", "S")
 
 
 @pytest.mark.gen_test
 async def test_recipient_may_forward_a_file_it_received(api):
     file_id = await uploaded_id(api)
-    await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2, "content": file_id},
-               as_=DOCTOR)
-    forwarded = await send(api, "pm", {"from": "Jack", "to": "Lily", "contentType": 2,
-                                       "content": file_id}, as_=PATIENT)
+    await send(api, "pm", {"from": "Rose", "to": "Jack", "contentType": 2, "content": file_id}, as_=DOCTOR)
+    forwarded = await send(api, "pm", {"from": "Jack", "to": "Lily", "contentType": 2, "content": file_id}, as_=PATIENT)
     assert forwarded.code == 201, forwarded.body
     assert (await api.get(f"/api/v1/files/{file_id}", as_=("Lily", "patient"))).code == 200
 
@@ -357,12 +374,10 @@ async def test_recipient_may_forward_a_file_it_received(api):
 @pytest.mark.gen_test
 async def test_service_uploads_for_a_user_who_then_attaches_it(api):
     body, headers = multipart(png_bytes(), "image/png")
-    response = await api.post("/api/v1/files?owner=Jack", as_=SERVICE, raw_body=body,
-                              headers=headers)
+    response = await api.post("/api/v1/files?owner=Jack", as_=SERVICE, raw_body=body, headers=headers)
     assert response.code == 201, response.body
     file_id = response.json["id"]
-    sent = await send(api, "pm", {"from": "Jack", "to": "Rose", "contentType": 2,
-                                  "content": file_id}, as_=PATIENT)
+    sent = await send(api, "pm", {"from": "Jack", "to": "Rose", "contentType": 2, "content": file_id}, as_=PATIENT)
     assert sent.code == 201, sent.body
     # Only staff upload for someone else.
     forged = await api.post("/api/v1/files?owner=Jack", as_=DOCTOR, raw_body=body, headers=headers)

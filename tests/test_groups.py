@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import assert_error
-from tests.test_messaging import DOCTOR, SERVICE, make_group
+from tests.helpers import DOCTOR, SERVICE, assert_error, make_group
 
 
 @pytest.mark.gen_test
@@ -17,33 +16,35 @@ async def test_create_and_read_a_group(api):
     assert read.code == 200 and read.json == created
     assert_error(await api.get("/api/v1/groups/ward-7", as_=("Eve", "patient")), 403)
     assert_error(await api.get("/api/v1/groups/nope", as_=SERVICE), 404)
-    dup = await api.post("/api/v1/groups", {"id": "ward-7", "name": "x", "groupType": 0, "members": ["a"]},
-                         as_=SERVICE)
+    dup = await api.post("/api/v1/groups", {"id": "ward-7", "name": "x", "groupType": 0, "members": ["a"]}, as_=SERVICE)
     assert_error(dup, 409, "group_exists")
 
 
 @pytest.mark.gen_test
 async def test_group_id_is_generated_and_a_doctor_creator_is_a_member(api):
-    response = await api.post("/api/v1/groups", {"name": "Diabetes", "groupType": 0, "members": ["Jack"]},
-                              as_=DOCTOR)
+    response = await api.post("/api/v1/groups", {"name": "Diabetes", "groupType": 0, "members": ["Jack"]}, as_=DOCTOR)
     assert response.code == 201
     assert response.json["id"] and response.json["members"] == ["Rose", "Jack"]
-    patient = await api.post("/api/v1/groups", {"name": "x", "groupType": 0, "members": ["Jack"]},
-                             as_=("Jack", "patient"))
+    patient = await api.post(
+        "/api/v1/groups", {"name": "x", "groupType": 0, "members": ["Jack"]}, as_=("Jack", "patient")
+    )
     assert_error(patient, 403)
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("body, field", [
-    ({"groupType": 0, "members": ["a"]}, "name"),
-    ({"name": "n", "members": ["a"]}, "groupType"),
-    ({"name": "n", "groupType": -1, "members": ["a"]}, "groupType"),
-    ({"name": "n", "groupType": 0}, "members"),
-    ({"name": "n", "groupType": 0, "members": "a"}, "members"),
-    ({"name": "n", "groupType": 0, "members": [{"$ne": 1}]}, "members"),
-    ({"name": "n", "groupType": 0, "members": []}, "members"),
-    ({"id": "$x", "name": "n", "groupType": 0, "members": ["a"]}, "id"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"groupType": 0, "members": ["a"]}, "name"),
+        ({"name": "n", "members": ["a"]}, "groupType"),
+        ({"name": "n", "groupType": -1, "members": ["a"]}, "groupType"),
+        ({"name": "n", "groupType": 0}, "members"),
+        ({"name": "n", "groupType": 0, "members": "a"}, "members"),
+        ({"name": "n", "groupType": 0, "members": [{"$ne": 1}]}, "members"),
+        ({"name": "n", "groupType": 0, "members": []}, "members"),
+        ({"id": "$x", "name": "n", "groupType": 0, "members": ["a"]}, "id"),
+    ],
+)
 async def test_bad_group_input(api, body, field):
     assert_error(await api.post("/api/v1/groups", body, as_=SERVICE), 400, field=field)
 
@@ -75,24 +76,28 @@ async def test_removed_member_stops_receiving_at_once_on_an_open_socket(api):
     await jack.recv_type("message")
     await api.request("DELETE", "/api/v1/groups/care-1/members/Jack", as_=DOCTOR)
     await jack.recv_type("message")  # the removal notice
-    sent = await api.post("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1,
-                                               "content": "not for Jack"}, as_=DOCTOR)
+    sent = await api.post(
+        "/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": "not for Jack"}, as_=DOCTOR
+    )
     assert sent.code == 201
     await jack.expect_silence(0.5)
     assert_error(await api.get("/api/v1/chats/gm?group=care-1", as_=("Jack", "patient")), 403)
-    jack_send = await jack.send_and_ack({"type": "gm", "group": "care-1", "contentType": 1, "content": "x",
-                                         "clientMsgId": "x"})
+    jack_send = await jack.send_and_ack(
+        {"type": "gm", "group": "care-1", "contentType": 1, "content": "x", "clientMsgId": "x"}
+    )
     assert jack_send["type"] == "error" and jack_send["code"] == "not_a_member"
 
 
 @pytest.mark.gen_test
 async def test_new_member_gets_messages_from_the_join_and_can_read_history(api):
     await make_group(api, members=("Rose", "Jack"))
-    await api.post("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1,
-                                        "content": "before Lily"}, as_=DOCTOR)
+    await api.post(
+        "/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": "before Lily"}, as_=DOCTOR
+    )
     await api.post("/api/v1/groups/care-1/members", {"members": ["Lily"]}, as_=DOCTOR)
-    await api.post("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1,
-                                        "content": "after Lily"}, as_=DOCTOR)
+    await api.post(
+        "/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": "after Lily"}, as_=DOCTOR
+    )
     lily = await api.ws("Lily")
     first = (await lily.recv_type("message"))["message"]
     second = (await lily.recv_type("message"))["message"]
@@ -106,8 +111,7 @@ async def test_new_member_gets_messages_from_the_join_and_can_read_history(api):
 async def test_who_may_manage_members(api):
     await make_group(api, members=("Rose", "Jack"))
     assert_error(await api.post("/api/v1/groups/care-1/members", {"members": ["Eve"]}, as_=("Jack", "patient")), 403)
-    assert_error(await api.post("/api/v1/groups/care-1/members", {"members": ["Eve"]}, as_=("Stranger", "doctor")),
-                 403)
+    assert_error(await api.post("/api/v1/groups/care-1/members", {"members": ["Eve"]}, as_=("Stranger", "doctor")), 403)
     assert_error(await api.request("DELETE", "/api/v1/groups/care-1/members/Rose", as_=("Jack", "patient")), 403)
     # A member may leave.
     left = await api.request("DELETE", "/api/v1/groups/care-1/members/Jack", as_=("Jack", "patient"))

@@ -15,8 +15,7 @@ from pymongo import UpdateOne, WriteConcern
 
 from models.batching import ENCODING_ERRORS, BatchedInserts, BatchedUpdates
 from server.auth import mint_token
-from tests.helpers import Api, assert_error
-from tests.test_messaging import DOCTOR, PATIENT, SERVICE, make_group
+from tests.helpers import DOCTOR, PATIENT, SERVICE, Api, assert_error, make_group
 
 LONE = "\ud800"  # an unpaired surrogate: json.loads gives it from the escape "\ud800"
 PARALLEL_SENDS = 600
@@ -42,14 +41,17 @@ async def assert_nothing_stored(services: Any) -> None:
 PM = {"from": "Rose", "to": "Jack", "contentType": 1, "content": "hello"}
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({**PM, "content": LONE}, "content"),
-    ({**PM, "content": "fever " + LONE + " today"}, "content"),
-    ({**PM, "to": LONE}, "to"),
-    ({**PM, "to": "Ja" + LONE}, "to"),
-    ({**PM, "clientMsgId": "c-" + LONE}, "clientMsgId"),
-    ({**PM, "contentType": 4, "content": "https://clinic.example/" + LONE}, "content"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**PM, "content": LONE}, "content"),
+        ({**PM, "content": "fever " + LONE + " today"}, "content"),
+        ({**PM, "to": LONE}, "to"),
+        ({**PM, "to": "Ja" + LONE}, "to"),
+        ({**PM, "clientMsgId": "c-" + LONE}, "clientMsgId"),
+        ({**PM, "contentType": 4, "content": "https://clinic.example/" + LONE}, "content"),
+    ],
+)
 @pytest.mark.gen_test
 async def test_unstorable_pm_text_is_a_400_naming_the_field(api, services, body, field):
     response = await post_raw(api, "/api/v1/chats/pm", body, DOCTOR)
@@ -64,13 +66,20 @@ async def test_unstorable_from_sm_and_gm_fields_are_400s(api, services):
         ("/api/v1/chats/pm", {**PM, "from": "R" + LONE}, SERVICE, "from"),
         ("/api/v1/chats/sm", {"to": LONE, "title": "t", "contentType": 1, "content": "x"}, SERVICE, "to"),
         ("/api/v1/chats/sm", {"to": "Jack", "title": LONE, "contentType": 1, "content": "x"}, SERVICE, "title"),
-        ("/api/v1/chats/sm", {"to": "Jack", "title": "t", "summary": LONE, "contentType": 1, "content": "x"},
-         SERVICE, "summary"),
+        (
+            "/api/v1/chats/sm",
+            {"to": "Jack", "title": "t", "summary": LONE, "contentType": 1, "content": "x"},
+            SERVICE,
+            "summary",
+        ),
         ("/api/v1/chats/gm", {"from": "Rose", "group": LONE, "contentType": 1, "content": "x"}, DOCTOR, "group"),
-        ("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "at": [LONE], "contentType": 1, "content": "x"},
-         DOCTOR, "at"),
-        ("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": LONE}, DOCTOR,
-         "content"),
+        (
+            "/api/v1/chats/gm",
+            {"from": "Rose", "group": "care-1", "at": [LONE], "contentType": 1, "content": "x"},
+            DOCTOR,
+            "at",
+        ),
+        ("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": LONE}, DOCTOR, "content"),
     ]
     for path, body, as_, field in cases:
         assert_error(await post_raw(api, path, body, as_), 400, "invalid_field", field=field)
@@ -178,8 +187,17 @@ async def test_websocket_frame_with_a_surrogate_client_msg_id_gets_an_error_fram
 async def test_a_patient_cannot_suppress_consultation_ended_by_pre_claiming_its_key(api, services):
     started = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, as_=DOCTOR)
     consultation_id = started.json["id"]
-    claim = await api.post("/api/v1/chats/pm", {"from": "Jack", "to": "Rose", "contentType": 1, "content": "gotcha",
-                                                "clientMsgId": f"consultation.ended:{consultation_id}"}, as_=PATIENT)
+    claim = await api.post(
+        "/api/v1/chats/pm",
+        {
+            "from": "Jack",
+            "to": "Rose",
+            "contentType": 1,
+            "content": "gotcha",
+            "clientMsgId": f"consultation.ended:{consultation_id}",
+        },
+        as_=PATIENT,
+    )
     assert claim.code == 201
     ended = await api.post(f"/api/v1/consultations/{consultation_id}/end", {}, as_=PATIENT)
     assert ended.code == 200
@@ -197,10 +215,14 @@ async def test_a_retried_announcement_stores_one_event(api, services):
     started = await api.post("/api/v1/consultations", {"doctor": "Rose", "patient": "Jack"}, as_=DOCTOR)
     consultation = await services.db.consultations.find_one({"_id": started.json["id"]})
     await services.consultations._announce(consultation, "Rose", "consultation.started", "Consultation started by Rose")
-    await asyncio.gather(*[
-        services.consultations._announce(consultation, "Rose", "consultation.started", "Consultation started by Rose")
-        for _ in range(3)
-    ])
+    await asyncio.gather(
+        *[
+            services.consultations._announce(
+                consultation, "Rose", "consultation.started", "Consultation started by Rose"
+            )
+            for _ in range(3)
+        ]
+    )
     assert await services.db.pm.count_documents({"event": "consultation.started"}) == 1
 
 
@@ -224,8 +246,7 @@ async def test_reused_client_msg_id_with_a_different_body_is_a_409(api, services
     assert (await api.post("/api/v1/chats/gm", {**gm, "at": "Jack"}, as_=DOCTOR)).code == 200
     assert_error(await api.post("/api/v1/chats/gm", {**gm, "at": ["Lily"]}, as_=DOCTOR), 409, "client_msg_id_reused")
     await make_group(api, gid="care-2")
-    assert_error(await api.post("/api/v1/chats/gm", {**gm, "group": "care-2"}, as_=DOCTOR), 409,
-                 "client_msg_id_reused")
+    assert_error(await api.post("/api/v1/chats/gm", {**gm, "group": "care-2"}, as_=DOCTOR), 409, "client_msg_id_reused")
 
     sm = {"to": "Jack", "title": "Reminder", "summary": "s", "contentType": 1, "content": "x", "clientMsgId": "s-1"}
     assert (await api.post("/api/v1/chats/sm", sm, as_=SERVICE)).code == 201
@@ -272,8 +293,9 @@ BAD_IDS = [
 async def test_ids_with_invisible_or_ambiguous_characters_are_400s(api, services, bad_id):
     response = await post_raw(api, "/api/v1/chats/pm", {**PM, "to": bad_id}, DOCTOR)
     assert_error(response, 400, "invalid_field", field="to")
-    group = await post_raw(api, "/api/v1/groups", {"id": "g", "name": "n", "groupType": 1,
-                                                   "members": ["Rose", bad_id]}, SERVICE)
+    group = await post_raw(
+        api, "/api/v1/groups", {"id": "g", "name": "n", "groupType": 1, "members": ["Rose", bad_id]}, SERVICE
+    )
     assert_error(group, 400, "invalid_field", field="members")
     await assert_nothing_stored(services)
 
@@ -287,8 +309,9 @@ async def test_ordinary_ids_still_work(api):
 @pytest.mark.parametrize("bad_sub", ["Rose\u200b", "Ro\u202ese", "Rose ", "Jose\u0301"])
 @pytest.mark.gen_test
 async def test_a_token_whose_sub_holds_invisible_characters_is_a_401(api, settings, bad_sub):
-    forged = jwt.encode({"sub": bad_sub, "role": "doctor", "exp": int(time.time()) + 600},
-                        settings.auth_secret, "HS256")
+    forged = jwt.encode(
+        {"sub": bad_sub, "role": "doctor", "exp": int(time.time()) + 600}, settings.auth_secret, "HS256"
+    )
     response = await api.get("/api/v1/conversations?user_id=Rose", headers={"Authorization": f"Bearer {forged}"})
     assert_error(response, 401, "unauthenticated")
     with pytest.raises(ValueError):
@@ -325,15 +348,19 @@ BAD_URLS = [
 @pytest.mark.gen_test
 async def test_urls_that_do_not_parse_cleanly_are_400s(api, services, url):
     for content_type in (4, 2, 3):
-        response = await api.post("/api/v1/chats/pm", {**PM, "contentType": content_type, "content": url},
-                                  as_=DOCTOR)
+        response = await api.post("/api/v1/chats/pm", {**PM, "contentType": content_type, "content": url}, as_=DOCTOR)
         assert_error(response, 400, "invalid_field", field="content")
     await assert_nothing_stored(services)
 
 
 @pytest.mark.gen_test
 async def test_clean_urls_and_iris_are_accepted(api):
-    for url in ("https://clinic.example/advice?x=1&y=%20#top", "http://clinic.example:8080/a/b",
-                "https://例子.测试/路径?问=医生", "HTTPS://Clinic.Example/", "http://[::1]:3000/x"):
+    for url in (
+        "https://clinic.example/advice?x=1&y=%20#top",
+        "http://clinic.example:8080/a/b",
+        "https://例子.测试/路径?问=医生",
+        "HTTPS://Clinic.Example/",
+        "http://[::1]:3000/x",
+    ):
         response = await api.post("/api/v1/chats/pm", {**PM, "contentType": 4, "content": url}, as_=DOCTOR)
         assert response.code == 201, (url, response.body)

@@ -22,7 +22,7 @@ import pytest
 from tornado.testing import bind_unused_port
 
 from server.http_guard import PAGE_CSP, RESOURCE_CSP, make_http_server
-from tests.helpers import assert_error
+from tests.helpers import assert_error, assert_logged, wait_until
 
 DOCTOR = ("Rose", "doctor")
 HEADER_TIMEOUT_SECS = 1.0  # lowered for these tests; the profiles say 20
@@ -33,8 +33,11 @@ OVERSIZE_BODY = b'{"content":"' + b"x" * 100_000 + b'"}'  # over the 64 KiB JSON
 @pytest.fixture
 def settings(settings):
     """The test profile with [http] timeouts short enough to watch them act."""
-    return settings.replace(http=dataclasses.replace(
-        settings.http, header_timeout_secs=HEADER_TIMEOUT_SECS, refused_body_timeout_secs=REFUSED_BODY_TIMEOUT_SECS))
+    return settings.replace(
+        http=dataclasses.replace(
+            settings.http, header_timeout_secs=HEADER_TIMEOUT_SECS, refused_body_timeout_secs=REFUSED_BODY_TIMEOUT_SECS
+        )
+    )
 
 
 @pytest.fixture
@@ -90,8 +93,9 @@ async def test_aiohttp_keep_alive_pool_survives_1000_mixed_refusals(port, token,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         for kind, method, path, headers, body, expected in requests:
             try:
-                async with session.request(method, f"http://127.0.0.1:{port}{path}", headers=headers,
-                                           data=body) as response:
+                async with session.request(
+                    method, f"http://127.0.0.1:{port}{path}", headers=headers, data=body
+                ) as response:
                     payload = await response.read()
                     if response.status != expected:
                         wrong[f"{kind}: {response.status} {payload[:80]!r}"] += 1
@@ -156,7 +160,7 @@ def send_without_blocking(sock: socket.socket, data: memoryview) -> int:
     sent = 0
     while sent < len(data):
         try:
-            sent += sock.send(data[sent:sent + 65536])
+            sent += sock.send(data[sent : sent + 65536])
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
@@ -182,8 +186,10 @@ async def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 async def test_30_anonymous_10mib_uploads_sending_all_but_one_byte_cost_no_memory(port):
     """Issue 12.3: each answered 401 at once, and the server's RSS does not grow (was 98 -> 388 MB)."""
     declared = 10 * 1024 * 1024
-    head = (f"POST /api/v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-            f"Content-Length: {declared}\r\n\r\n").encode()
+    head = (
+        f"POST /api/v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
     body = memoryview(bytes(declared - 1))
     process = psutil.Process()
     rss_before = process.memory_info().rss
@@ -221,7 +227,7 @@ async def test_half_sent_request_line_is_closed_after_the_header_timeout(port):
 @pytest.mark.gen_test(timeout=30)
 async def test_refused_request_whose_small_body_never_arrives_is_closed_after_its_timeout(port, token):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /api/v1/chats/pm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"from\"")
+    writer.write(b'POST /api/v1/chats/pm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"from"')
     started = time.monotonic()
     assert await asyncio.wait_for(reader.read(), REFUSED_BODY_TIMEOUT_SECS + 5) == b""
     assert time.monotonic() - started < REFUSED_BODY_TIMEOUT_SECS + 3
@@ -229,7 +235,7 @@ async def test_refused_request_whose_small_body_never_arrives_is_closed_after_it
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_open_connections_are_capped_and_half_sent_ones_do_not_hold_the_cap(app, settings):
+async def test_open_connections_are_capped_and_half_sent_ones_do_not_hold_the_cap(app, settings, caplog):
     cap = 5
     server = make_http_server(app, settings.replace(http=dataclasses.replace(settings.http, max_connections=cap)))
     listener, cap_port = bind_unused_port()
@@ -244,6 +250,7 @@ async def test_open_connections_are_capped_and_half_sent_ones_do_not_hold_the_ca
         reader, writer = await asyncio.open_connection("127.0.0.1", cap_port)
         assert await asyncio.wait_for(reader.read(), 3) == b""  # beyond the cap: closed at once
         assert server.refused_connections == 1
+        assert_logged(caplog, "HTTP connections open")
         writer.close()
         for reader, _writer in stalled:  # the header timeout frees the cap again
             assert await asyncio.wait_for(reader.read(), HEADER_TIMEOUT_SECS + 5) == b""
@@ -256,13 +263,6 @@ async def test_open_connections_are_capped_and_half_sent_ones_do_not_hold_the_ca
     finally:
         server.stop()
         await server.close_all_connections()
-
-
-async def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("header_bytes", [20_000, 1_000_000])
@@ -285,9 +285,15 @@ async def test_every_answer_carries_security_headers_and_no_tornado_version(api)
         "error": await api.get("/api/v1/nowhere"),
         "sdk": await api.get("/sdk/im.client.js"),
         "page": await api.get("/sdk/pages/patient.html"),
-        "refused_socket": await api.get("/ws?token=bad", headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                                                                  "Sec-WebSocket-Version": "13",
-                                                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}),
+        "refused_socket": await api.get(
+            "/ws?token=bad",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        ),
     }
     for name, response in answers.items():
         headers = response.headers
@@ -341,8 +347,9 @@ async def test_token_lifetime_over_the_cap_is_refused_also_when_cached(api, sett
     }
     for name, (jwt_text, expected) in cases.items():
         for _attempt in range(2):  # the second goes through the verifier's cache
-            response = await api.get("/api/v1/conversations?user_id=Rose",
-                                     headers={"Authorization": f"Bearer {jwt_text}"})
+            response = await api.get(
+                "/api/v1/conversations?user_id=Rose", headers={"Authorization": f"Bearer {jwt_text}"}
+            )
             assert response.code == expected, (name, response.body)
             if expected == 401:
                 assert_error(response, 401, "token_lifetime_too_long")
@@ -352,7 +359,13 @@ async def test_token_lifetime_over_the_cap_is_refused_also_when_cached(api, sett
 async def test_token_lifetime_cap_applies_to_websockets_too(api, settings):
     now = int(time.time())
     long_lived = unsigned_claims_token(settings, iat=now, exp=now + settings.max_token_ttl_secs + 60)
-    response = await api.get(f"/ws?token={long_lived}", headers={
-        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    response = await api.get(
+        f"/ws?token={long_lived}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
     assert response.code == 401

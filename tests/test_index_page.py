@@ -77,8 +77,10 @@ async def test_browser_gets_a_page_linking_the_demos_sdk_docs_and_openapi(api: A
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("accept", [None, "*/*", "application/json", "application/json, text/html;q=0.5",
-                                    "text/html;q=0", "text/plain", "x" * 300])
+@pytest.mark.parametrize(
+    "accept",
+    [None, "*/*", "application/json", "application/json, text/html;q=0.5", "text/html;q=0", "text/plain", "x" * 300],
+)
 async def test_other_clients_get_the_same_links_as_json(api: Api, accept: str | None) -> None:
     headers = {} if accept is None else {"Accept": accept}
     response = await api.get("/", headers=headers)
@@ -91,8 +93,9 @@ async def test_other_clients_get_the_same_links_as_json(api: Api, accept: str | 
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("accept", ["text/html", "application/xhtml+xml", "TEXT/HTML; q=0.7, */*;q=0.1",
-                                    "application/json;q=0.5, text/html"])
+@pytest.mark.parametrize(
+    "accept", ["text/html", "application/xhtml+xml", "TEXT/HTML; q=0.7, */*;q=0.1", "application/json;q=0.5, text/html"]
+)
 async def test_html_is_chosen_when_it_ranks_first(api: Api, accept: str) -> None:
     response = await api.get("/", headers={"Accept": accept})
     assert response.headers["Content-Type"] == "text/html; charset=UTF-8"

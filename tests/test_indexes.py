@@ -40,8 +40,11 @@ QUERY_SHAPES = [
     ("conversations", {"pendingB": "u"}, "conversations.find_pending (backlog)"),
     ("cursors", {"user": "u"}, "conversations.get_cursors (backlog baselines)"),
     ("cursors", {"user": "u", "channel": "pm", "conv": "c"}, "conversations.move_cursor"),
-    ("cursors", {"user": "u", "channel": "gm", "conv": "c", "own": {"$exists": True}},
-     "conversations.record_own_message"),
+    (
+        "cursors",
+        {"user": "u", "channel": "gm", "conv": "c", "own": {"$exists": True}},
+        "conversations.record_own_message",
+    ),
     ("cursors", {"user": "u", "channel": "gm", "conv": {"$in": ["g"]}}, "conversations.get_group_cursors"),
     ("groups", {"_id": "g"}, "groups.find"),
     ("groups", {"_id": {"$in": ["g"]}, "members": {"$in": ["u"]}}, "files: a group attachment"),
@@ -55,18 +58,33 @@ QUERY_SHAPES = [
 
 # Scans nx-27017 cannot avoid for these shapes, each with why it is tolerated or whose it is.
 KNOWN_SCANS = [
-    ("groups", {"members": {"$in": ["u"]}},
-     "groups.ids_for_user / list_for_user (conversation list, backlog): array membership; nx has no "
-     "multikey index. 28 ms for 300 groups of 1,000 (bench/RESULTS.md, issue 13); fix: membership "
-     "documents keyed by user (models/groups.py, models/membership.py)"),
-    ("groups", {"$and": [{"members": {"$in": ["u"]}}, {"members": {"$in": ["v"]}}]},
-     "presence.check_visible for a patient: as above"),
-    ("pm", {**MEDIA, "$or": [{"from": "u"}, {"to": "u"}]},
-     "files: a pm attachment's reader ($or is evaluated in Python): models/files.py"),
-    ("pm", {"conv": {"$in": ["a", "b"]}, "_id": {"$gt": "x"}},
-     "GET /chats/pm without peer (all of a user's pm messages): not a hot path; MongoDB walks conv"),
-    ("conversations", {"activityAt": {"$exists": False}, "lastSeq": {"$gt": 0}},
-     "conversations.upgrade_summaries: once at start-up"),
+    (
+        "groups",
+        {"members": {"$in": ["u"]}},
+        "groups.ids_for_user / list_for_user (conversation list, backlog): array membership; nx has no "
+        "multikey index. 28 ms for 300 groups of 1,000 (bench/RESULTS.md, issue 13); fix: membership "
+        "documents keyed by user (models/groups.py, models/membership.py)",
+    ),
+    (
+        "groups",
+        {"$and": [{"members": {"$in": ["u"]}}, {"members": {"$in": ["v"]}}]},
+        "presence.check_visible for a patient: as above",
+    ),
+    (
+        "pm",
+        {**MEDIA, "$or": [{"from": "u"}, {"to": "u"}]},
+        "files: a pm attachment's reader ($or is evaluated in Python): models/files.py",
+    ),
+    (
+        "pm",
+        {"conv": {"$in": ["a", "b"]}, "_id": {"$gt": "x"}},
+        "GET /chats/pm without peer (all of a user's pm messages): not a hot path; MongoDB walks conv",
+    ),
+    (
+        "conversations",
+        {"activityAt": {"$exists": False}, "lastSeq": {"$gt": 0}},
+        "conversations.upgrade_summaries: once at start-up",
+    ),
 ]
 
 
@@ -95,6 +113,7 @@ async def test_issue_13_indexes_exist(services):
     summaries = await services.db.conversations.index_information()
     for name in ("activityA", "activityB", "pendingA", "pendingB"):
         assert f"idx_conversations_{name}" in summaries or any(
-            info["key"] == [(name, 1)] for info in summaries.values()), summaries
+            info["key"] == [(name, 1)] for info in summaries.values()
+        ), summaries
     messages = await services.db.pm.index_information()
     assert any(info["key"] == [("clientMsgId", 1)] for info in messages.values()), messages

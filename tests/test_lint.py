@@ -17,8 +17,17 @@ def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+LINTED = ("server", "handlers", "models", "tests", "bench", "run.py")
+
+
 def test_ruff_is_clean():
-    result = run_tool("ruff", "check", "server", "handlers", "models", "run.py")
+    result = run_tool("ruff", "check", *LINTED)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_applied():
+    """The house format is ruff's: run `.venv/bin/ruff format` before committing."""
+    result = run_tool("ruff", "format", "--check", *LINTED)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -7,25 +7,18 @@ import re
 
 import pytest
 
-from tests.helpers import assert_error
+from tests.helpers import DOCTOR, PATIENT, SERVICE, assert_error, make_group
 
-DOCTOR = ("Rose", "doctor")
-PATIENT = ("Jack", "patient")
-SERVICE = ("platform", "service")
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-async def make_group(api, gid="care-1", members=("Rose", "Jack", "Lily"), group_type=1):
-    response = await api.post("/api/v1/groups", {"id": gid, "name": "Care team", "groupType": group_type,
-                                                 "members": list(members)}, as_=SERVICE)
-    assert response.code == 201, response.body
-    return response.json
 
 
 @pytest.mark.gen_test
 async def test_pm_send_returns_the_stored_message(api):
-    response = await api.post("/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": "1",
-                                                   "content": "Take the pills twice a day"}, as_=DOCTOR)
+    response = await api.post(
+        "/api/v1/chats/pm",
+        {"from": "Rose", "to": "Jack", "contentType": "1", "content": "Take the pills twice a day"},
+        as_=DOCTOR,
+    )
     assert response.code == 201
     message = response.json
     assert message["channel"] == "pm" and message["from"] == "Rose" and message["to"] == "Jack"
@@ -38,8 +31,13 @@ async def test_pm_send_returns_the_stored_message(api):
 
 @pytest.mark.gen_test
 async def test_system_message_from_service_only(api):
-    body = {"to": "Rose", "title": "System Message", "summary": "You have new job", "contentType": "1",
-            "content": "The patient has been followed in the scheduler."}
+    body = {
+        "to": "Rose",
+        "title": "System Message",
+        "summary": "You have new job",
+        "contentType": "1",
+        "content": "The patient has been followed in the scheduler.",
+    }
     response = await api.post("/api/v1/chats/sm", body, as_=SERVICE)
     assert response.code == 201
     assert response.json["from"] == "platform"
@@ -100,8 +98,14 @@ async def test_chinese_and_emoji_round_trip_byte_for_byte(api):
 @pytest.mark.gen_test
 async def test_group_message_for_members_only(api):
     await make_group(api)
-    body = {"from": "Rose", "group": "care-1", "groupType": "1", "at": "Jack", "contentType": 1,
-            "content": "Morning round"}
+    body = {
+        "from": "Rose",
+        "group": "care-1",
+        "groupType": "1",
+        "at": "Jack",
+        "contentType": 1,
+        "content": "Morning round",
+    }
     response = await api.post("/api/v1/chats/gm", body, as_=DOCTOR)
     assert response.code == 201, response.body
     assert response.json["groupType"] == 1 and response.json["at"] == ["Jack"]
@@ -117,8 +121,9 @@ async def test_group_message_for_members_only(api):
 
 @pytest.mark.gen_test
 async def test_only_the_token_user_sends_and_reads_its_conversations(api):
-    impostor = await api.post("/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
-                                                   "content": "x"}, as_=("Mallory", "doctor"))
+    impostor = await api.post(
+        "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1, "content": "x"}, as_=("Mallory", "doctor")
+    )
     assert_error(impostor, 403, "forbidden", field="from")
     await api.send_pm("Rose", "Jack", "private")
     assert_error(await api.get("/api/v1/chats/pm?user_id=Jack", as_=("Mallory", "patient")), 403)
@@ -126,8 +131,9 @@ async def test_only_the_token_user_sends_and_reads_its_conversations(api):
     read = {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 1}
     assert_error(await api.post("/api/v1/conversations/read", read, as_=("Mallory", "patient")), 403)
     # The platform back end acts for users.
-    on_behalf = await api.post("/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1,
-                                                    "content": "via service"}, as_=SERVICE)
+    on_behalf = await api.post(
+        "/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": 1, "content": "via service"}, as_=SERVICE
+    )
     assert on_behalf.code == 201 and on_behalf.json["from"] == "Rose"
     assert (await api.get("/api/v1/chats/pm?user_id=Jack", as_=SERVICE)).code == 200
 
@@ -190,10 +196,14 @@ async def test_conversations_with_unread_and_read_marker(api):
     await api.send_pm("Rose", "Jack", "two")
     await api.send_pm("Jack", "Rose", "mine", role="patient")
     await make_group(api, members=("Rose", "Jack"))
-    await api.post("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": "hi all"},
-                   as_=DOCTOR)
-    await api.post("/api/v1/chats/sm", {"to": "Jack", "title": "t", "summary": "s", "contentType": 1,
-                                        "content": "Your appointment"}, as_=SERVICE)
+    await api.post(
+        "/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "contentType": 1, "content": "hi all"}, as_=DOCTOR
+    )
+    await api.post(
+        "/api/v1/chats/sm",
+        {"to": "Jack", "title": "t", "summary": "s", "contentType": 1, "content": "Your appointment"},
+        as_=SERVICE,
+    )
     listed = (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
     by_channel = {c["channel"]: c for c in listed}
     assert set(by_channel) == {"pm", "gm", "sm"}
@@ -205,43 +215,52 @@ async def test_conversations_with_unread_and_read_marker(api):
     assert by_channel["sm"]["unread"] == 1
     assert listed[0]["channel"] == "sm"  # newest activity first
 
-    marked = await api.post("/api/v1/conversations/read",
-                            {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 1}, as_=PATIENT)
+    marked = await api.post(
+        "/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 1}, as_=PATIENT
+    )
     assert marked.code == 200 and marked.json["readSeq"] == 1
-    pm = next(c for c in (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
-              if c["channel"] == "pm")
+    pm = next(
+        c
+        for c in (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
+        if c["channel"] == "pm"
+    )
     assert pm["unread"] == 1 and pm["readSeq"] == 1 and pm["receivedSeq"] == 1
     # A marker never goes back and never passes the newest message.
-    await api.post("/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 0},
-                   as_=PATIENT)
-    far = await api.post("/api/v1/conversations/read",
-                         {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 999}, as_=PATIENT)
+    await api.post(
+        "/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 0}, as_=PATIENT
+    )
+    far = await api.post(
+        "/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 999}, as_=PATIENT
+    )
     assert far.json["readSeq"] == 3
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("body, field", [
-    ({"to": "Jack", "contentType": 1}, "content"),
-    ({"to": "Jack", "contentType": 1, "content": ""}, "content"),
-    ({"to": "Jack", "contentType": 1, "content": "   "}, "content"),
-    ({"to": "Jack", "contentType": 1, "content": 5}, "content"),
-    ({"to": "Jack", "contentType": 5, "content": "x"}, "contentType"),
-    ({"to": "Jack", "contentType": "x", "content": "x"}, "contentType"),
-    ({"to": "Jack", "contentType": True, "content": "x"}, "contentType"),
-    ({"to": "Jack", "content": "x"}, "contentType"),
-    ({"to": "Jack", "contentType": 4, "content": "javascript:alert(1)"}, "content"),
-    ({"to": "Jack", "contentType": 2, "content": "not a url"}, "content"),
-    ({"contentType": 1, "content": "x"}, "to"),
-    ({"to": {"$gt": ""}, "contentType": 1, "content": "x"}, "to"),
-    ({"to": "$where", "contentType": 1, "content": "x"}, "to"),
-    ({"to": 42, "contentType": 1, "content": "x"}, "to"),
-    ({"to": ["Jack"], "contentType": 1, "content": "x"}, "to"),
-    ({"to": "x" * 129, "contentType": 1, "content": "x"}, "to"),
-    ({"to": "", "contentType": 1, "content": "x"}, "to"),
-    ({"to": "Rose", "contentType": 1, "content": "x"}, "to"),
-    ({"to": "Jack", "contentType": 1, "content": "x", "clientMsgId": 7}, "clientMsgId"),
-    ({"to": "Jack", "contentType": 1, "content": "x" * 8001}, "content"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"to": "Jack", "contentType": 1}, "content"),
+        ({"to": "Jack", "contentType": 1, "content": ""}, "content"),
+        ({"to": "Jack", "contentType": 1, "content": "   "}, "content"),
+        ({"to": "Jack", "contentType": 1, "content": 5}, "content"),
+        ({"to": "Jack", "contentType": 5, "content": "x"}, "contentType"),
+        ({"to": "Jack", "contentType": "x", "content": "x"}, "contentType"),
+        ({"to": "Jack", "contentType": True, "content": "x"}, "contentType"),
+        ({"to": "Jack", "content": "x"}, "contentType"),
+        ({"to": "Jack", "contentType": 4, "content": "javascript:alert(1)"}, "content"),
+        ({"to": "Jack", "contentType": 2, "content": "not a url"}, "content"),
+        ({"contentType": 1, "content": "x"}, "to"),
+        ({"to": {"$gt": ""}, "contentType": 1, "content": "x"}, "to"),
+        ({"to": "$where", "contentType": 1, "content": "x"}, "to"),
+        ({"to": 42, "contentType": 1, "content": "x"}, "to"),
+        ({"to": ["Jack"], "contentType": 1, "content": "x"}, "to"),
+        ({"to": "x" * 129, "contentType": 1, "content": "x"}, "to"),
+        ({"to": "", "contentType": 1, "content": "x"}, "to"),
+        ({"to": "Rose", "contentType": 1, "content": "x"}, "to"),
+        ({"to": "Jack", "contentType": 1, "content": "x", "clientMsgId": 7}, "clientMsgId"),
+        ({"to": "Jack", "contentType": 1, "content": "x" * 8001}, "content"),
+    ],
+)
 async def test_bad_pm_input_is_a_400_naming_the_field(api, body, field):
     response = await api.post("/api/v1/chats/pm", {"from": "Rose", **body}, as_=DOCTOR)
     assert_error(response, 400, field=field)
@@ -266,10 +285,16 @@ async def test_bad_bodies_and_queries(api):
 
 @pytest.mark.gen_test
 async def test_hyperlink_and_media_urls_are_accepted(api):
-    for content_type, content in ((4, "https://clinic.example/advice"), (2, "https://cdn.example/x.png"),
-                                  (3, "http://cdn.example/v.amr")):
-        response = await api.post("/api/v1/chats/pm", {"from": "Rose", "to": "Jack", "contentType": content_type,
-                                                       "content": content}, as_=DOCTOR)
+    for content_type, content in (
+        (4, "https://clinic.example/advice"),
+        (2, "https://cdn.example/x.png"),
+        (3, "http://cdn.example/v.amr"),
+    ):
+        response = await api.post(
+            "/api/v1/chats/pm",
+            {"from": "Rose", "to": "Jack", "contentType": content_type, "content": content},
+            as_=DOCTOR,
+        )
         assert response.code == 201 and response.json["contentType"] == content_type
 
 
@@ -307,8 +332,19 @@ async def test_messages_by_time_since_inclusive_until_exclusive(api):
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("value", ["yesterday", "2026-11-28", "2026-11-28T06:00:00", "2026-13-01T00:00:00Z",
-                                   "2026-11-28T06:00:00+25:00", "9999-12-31T23:59:59-10:00", "1" * 100, ""])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yesterday",
+        "2026-11-28",
+        "2026-11-28T06:00:00",
+        "2026-13-01T00:00:00Z",
+        "2026-11-28T06:00:00+25:00",
+        "9999-12-31T23:59:59-10:00",
+        "1" * 100,
+        "",
+    ],
+)
 async def test_malformed_time_bound_is_a_400_naming_the_field(api, value):
     from urllib.parse import quote
 

@@ -26,8 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from handlers.openapi import OPENAPI_DOCUMENT
 from handlers.routes import default_handlers
 from server.auth import mint_token
-from tests.conftest import free_port
-from tests.processes import ServerProcess
+from tests.processes import ServerProcess, free_port
 
 TEST_SECRET = "test-secret-0123456789abcdef0123456789"
 EXAMPLES_PER_OPERATION = 15
@@ -59,8 +58,7 @@ schema = schemathesis.openapi.from_dict(OPENAPI_DOCUMENT)
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None,
-          suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_operation_conforms_to_the_document(case, live_server, http_session):
     case.call_and_validate(base_url=live_server.base_url, session=http_session, checks=CHECKS, timeout=15)
 

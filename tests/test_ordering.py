@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from models.conversations import ConversationRef
 from server.fanout import JustStored
 from server.ordering import InOrderDelivery
+from tests.helpers import wait_until
 
 
 class Recorder:
@@ -51,7 +50,7 @@ async def test_a_gap_that_does_not_close_is_read_back_from_the_database():
     delivery.set_baseline("gm:g", 1)
     delivery.offer("gm:g", 4, "m4")
     assert out.sent == []
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: len(out.sent) >= 3)  # the repair timer fired and the read-back is sent
     assert out.sent == ["m2", "m3", "m4"]
     assert out.fetches == [("gm:g", 1, 4)]
 
@@ -63,7 +62,9 @@ async def test_a_gap_the_user_may_not_see_is_skipped_after_the_repair():
     delivery.set_baseline("gm:g", 1)
     delivery.offer("gm:g", 5, "m5")
     delivery.offer("gm:g", 6, "m6")
-    await asyncio.sleep(0.2)
+    assert out.sent == []
+    await wait_until(lambda: out.fetches and len(out.sent) >= 2)  # repaired: nothing to read back
+    assert out.fetches == [("gm:g", 1, 5)]
     assert out.sent == ["m5", "m6"]
 
 
@@ -85,6 +86,7 @@ async def test_backlog_counts_messages_another_process_stored_before_their_summa
     just_stored.note(pm, 2, ["Rose", "Jack"])
     just_stored.note(fresh, 1, ["Lily", "Jack"])
     plan = await services.inbox.backlog_plan("Jack", just_stored.for_user("Jack"))
-    assert sorted((ref.key, received, newest) for ref, received, newest in plan) == \
-        sorted([(pm.key, 0, 2), (fresh.key, 0, 1)])
+    assert sorted((ref.key, received, newest) for ref, received, newest in plan) == sorted(
+        [(pm.key, 0, 2), (fresh.key, 0, 1)]
+    )
     assert just_stored.for_user("Eve") == {}

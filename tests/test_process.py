@@ -19,8 +19,7 @@ from tornado.websocket import websocket_connect
 
 from server import __version__
 from server.auth import mint_token
-from tests.conftest import free_port
-from tests.processes import ROOT, ServerProcess, wait_until_serving
+from tests.processes import ROOT, ServerProcess, free_port, wait_until_serving
 
 TEST_SECRET = "test-secret-0123456789abcdef0123456789"
 
@@ -37,8 +36,11 @@ def test_start_up_logs_the_two_lines_in_order(server):
     lines = server.log_text().splitlines()
     starting = next(i for i, line in enumerate(lines) if "Starting IM server" in line)
     assert starting == 0, lines[:3]  # the first lines a newcomer sees
-    assert re.search(rf"Starting IM server, version {re.escape(__version__)}, running on port {server.port}, "
-                     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", lines[starting])
+    assert re.search(
+        rf"Starting IM server, version {re.escape(__version__)}, running on port {server.port}, "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$",
+        lines[starting],
+    )
     assert lines[starting + 1].endswith("Configuration profile: test")
     with urllib.request.urlopen(server.base_url + "/api/v1/status") as response:
         status = json.load(response)
@@ -72,9 +74,12 @@ def supervisord_config_for_test(tmp_path: Path, server_port: int, mongo_port: in
     parser.set("supervisorctl", "serverurl", f"unix://{tmp_path}/supervisor.sock")
     mongo = parser.get("program:mongo", "command").replace("--port 27017", f"--port {mongo_port}")
     parser.set("program:mongo", "command", mongo)
-    parser.set("program:im", "environment",
-               f'IM_PROFILE="test",IM_PORT="{server_port}",IM_MONGO_URI="mongodb://127.0.0.1:{mongo_port}",'
-               'PYTHONUNBUFFERED="1"')
+    parser.set(
+        "program:im",
+        "environment",
+        f'IM_PROFILE="test",IM_PORT="{server_port}",IM_MONGO_URI="mongodb://127.0.0.1:{mongo_port}",'
+        'PYTHONUNBUFFERED="1"',
+    )
     (tmp_path / "mongo").mkdir(exist_ok=True)
     (tmp_path / "log").mkdir(exist_ok=True)
     path = tmp_path / "supervisord.conf"
@@ -84,8 +89,12 @@ def supervisord_config_for_test(tmp_path: Path, server_port: int, mongo_port: in
 
 
 def supervisorctl(config: Path, *args: str) -> str:
-    result = subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c", str(config), *args],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "supervisorctl"), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return result.stdout
 
 
@@ -96,15 +105,18 @@ def wait_for_running(config: Path, *programs: str, timeout_secs: float = 20.0) -
         if all(re.search(rf"^{name}\s+RUNNING", status, re.M) for name in programs):
             return
         assert time.monotonic() < deadline, status
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling supervisord, bounded by the deadline: nothing to await
 
 
 @pytest.mark.slow
 def test_supervisord_restarts_the_server_after_sigkill(tmp_path):
     port, mongo_port = free_port(), free_port()
     config = supervisord_config_for_test(tmp_path, port, mongo_port)
-    supervisord = subprocess.Popen([str(Path(sys.executable).parent / "supervisord"), "-n", "-c", str(config)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    supervisord = subprocess.Popen(
+        [str(Path(sys.executable).parent / "supervisord"), "-n", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until_serving(f"http://127.0.0.1:{port}", timeout_secs=40)
         wait_for_running(config, "im", "mongo")
@@ -122,16 +134,18 @@ def test_supervisord_restarts_the_server_after_sigkill(tmp_path):
 @pytest.mark.gen_test(timeout=30)
 async def test_sigterm_marks_the_users_of_closed_sockets_offline(server):
     server.start()
-    conn = await websocket_connect(f"ws://127.0.0.1:{server.port}/ws?token={mint_token(TEST_SECRET, 'Jack', 'patient')}")
+    jack_token = mint_token(TEST_SECRET, "Jack", "patient")
+    conn = await websocket_connect(f"ws://127.0.0.1:{server.port}/ws?token={jack_token}")
     server.signal(signal.SIGTERM)
     assert await conn.read_message() is None
     assert server.wait(10) == 0
     conn.close()
-    later = ServerProcess(free_port(), server.env["IM_MONGO_URI"], server.env["IM_DB_NAME"],
-                          server.log_path).start()
+    later = ServerProcess(free_port(), server.env["IM_MONGO_URI"], server.env["IM_DB_NAME"], server.log_path).start()
     try:
-        request = urllib.request.Request(later.base_url + "/api/v1/users/Jack/presence",
-                                         headers={"Authorization": f"Bearer {mint_token(TEST_SECRET, 'Rose', 'doctor')}"})
+        rose_token = mint_token(TEST_SECRET, "Rose", "doctor")
+        request = urllib.request.Request(
+            later.base_url + "/api/v1/users/Jack/presence", headers={"Authorization": f"Bearer {rose_token}"}
+        )
         with urllib.request.urlopen(request) as response:
             presence = json.load(response)
         assert presence["online"] is False and presence["lastSeen"]

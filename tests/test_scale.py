@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from models.conversations import ConversationRef
 from models.principal import Principal
-from tests.helpers import assert_error
-from tests.test_messaging import DOCTOR, PATIENT, SERVICE, make_group
+from tests.helpers import DOCTOR, PATIENT, SERVICE, assert_error, make_group
 
 
 async def list_all(api, user, role, limit):
@@ -40,8 +39,16 @@ async def test_conversation_list_pages_newest_activity_first(api):
     assert [len(p) for p in pages] == [3, 3, 2]
     entries = [e for page in pages for e in page]
     names = [e.get("peer") or e.get("group") for e in entries]
-    assert names == ["patient-2", "care-9", "patient-6", "patient-5", "patient-4", "patient-3", "patient-1",
-                     "patient-0"]
+    assert names == [
+        "patient-2",
+        "care-9",
+        "patient-6",
+        "patient-5",
+        "patient-4",
+        "patient-3",
+        "patient-1",
+        "patient-0",
+    ]
     times = [e["lastMessage"]["createdAt"] for e in entries]
     assert times == sorted(times, reverse=True)
     # Without limit: the first page of 50 (existing callers), with next.
@@ -61,23 +68,26 @@ async def test_conversation_list_rejects_bad_limit_and_cursor(api):
     for bad in ("0", "-1", "abc", "1.5", ""):
         assert_error(await api.get(f"/api/v1/conversations?user_id=Rose&limit={bad}", as_=DOCTOR), 400, field="limit")
     for bad in ("zzz", "YWJj", "%24gt", "a" * 2000, "MjAyNi0xMS0yOFQwNjowMTowMi4zNDVa"):
-        assert_error(await api.get(f"/api/v1/conversations?user_id=Rose&cursor={bad}", as_=DOCTOR), 400,
-                     field="cursor")
+        assert_error(await api.get(f"/api/v1/conversations?user_id=Rose&cursor={bad}", as_=DOCTOR), 400, field="cursor")
 
 
 @pytest.mark.gen_test
 async def test_pm_entry_shows_how_far_the_peer_has_read(api):
     for i in range(3):
         await api.send_pm("Rose", "Jack", f"advice {i}")
-    await api.post("/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 2},
-                   as_=PATIENT)
+    await api.post(
+        "/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 2}, as_=PATIENT
+    )
     rose = (await api.get("/api/v1/conversations?user_id=Rose", as_=DOCTOR)).json["conversations"]
     assert rose[0]["peer"] == "Jack" and rose[0]["peerReadSeq"] == 2 and rose[0]["unread"] == 0
     jack = (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
     assert jack[0]["peerReadSeq"] == 0 and jack[0]["readSeq"] == 2 and jack[0]["unread"] == 1
     await make_group(api, "care-2", members=("Rose", "Jack"))
-    group = next(c for c in (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
-                 if c["channel"] == "gm")
+    group = next(
+        c
+        for c in (await api.get("/api/v1/conversations?user_id=Jack", as_=PATIENT)).json["conversations"]
+        if c["channel"] == "gm"
+    )
     assert "peerReadSeq" not in group
 
 
@@ -88,7 +98,8 @@ OPERATIONS = st.lists(
         st.tuples(st.just("send"), st.integers(0, 2)),  # 0, 1: the parties; 2: a staff operator's event
         st.tuples(st.just("read"), st.integers(0, 1), st.integers(0, 12)),
     ),
-    min_size=1, max_size=24,
+    min_size=1,
+    max_size=24,
 )
 
 
@@ -97,8 +108,9 @@ async def check_unread_matches_a_count(services, channel: str, ops: list[tuple],
     users = [f"a-{tag}", f"b-{tag}"]
     group = f"g-{tag}"
     if channel == "gm":
-        await services.groups.create(group_id=group, name="g", group_type=0, members=[*users, f"c-{tag}"],
-                                     created_by="platform")
+        await services.groups.create(
+            group_id=group, name="g", group_type=0, members=[*users, f"c-{tag}"], created_by="platform"
+        )
     messages = services.messages
 
     async def run(op: tuple) -> None:
@@ -106,8 +118,12 @@ async def check_unread_matches_a_count(services, channel: str, ops: list[tuple],
             sender = users[op[1]] if op[1] < 2 else f"nurse-{tag}"
             principal = Principal(sender, "patient" if op[1] < 2 else "service")
             if channel == "pm":
-                data = {"from": sender, "to": users[1 - op[1]] if op[1] < 2 else users[0], "contentType": 1,
-                        "content": "x"}
+                data = {
+                    "from": sender,
+                    "to": users[1 - op[1]] if op[1] < 2 else users[0],
+                    "contentType": 1,
+                    "content": "x",
+                }
                 if op[1] == 2:  # an event from a staff operator: a message from neither party
                     draft = await messages.draft_pm(Principal("platform", "service"), {**data, "from": users[1]})
                     draft.fields["from"] = sender
@@ -121,8 +137,11 @@ async def check_unread_matches_a_count(services, channel: str, ops: list[tuple],
             await messages.send(draft)
         else:
             user = users[op[1]]
-            target = {"channel": channel, "seq": op[2],
-                      **({"peer": users[1 - op[1]]} if channel == "pm" else {"group": group})}
+            target = {
+                "channel": channel,
+                "seq": op[2],
+                **({"peer": users[1 - op[1]]} if channel == "pm" else {"group": group}),
+            }
             try:
                 await services.inbox.mark(user, target, read=True)
             except Exception as exc:  # nothing to mark yet
@@ -130,22 +149,26 @@ async def check_unread_matches_a_count(services, channel: str, ops: list[tuple],
 
     # Concurrent rounds: sends and read moves of a round race each other.
     for start in range(0, len(ops), rounds_of):
-        await asyncio.gather(*(run(op) for op in ops[start:start + rounds_of]))
+        await asyncio.gather(*(run(op) for op in ops[start : start + rounds_of]))
         ref = ConversationRef.pm(*users) if channel == "pm" else ConversationRef.gm(group)
         for user in users:
             page = await services.inbox.list_conversations(user, 200)
-            entry = next((c for c in page["conversations"] if c.get("peer") in users or c.get("group") == group),
-                         None)
+            entry = next((c for c in page["conversations"] if c.get("peer") in users or c.get("group") == group), None)
             if entry is None:
                 continue
             counted = await services.db[channel].count_documents(
-                {"conv": ref.conv, "seq": {"$gt": entry["readSeq"]}, "from": {"$ne": user}})
+                {"conv": ref.conv, "seq": {"$gt": entry["readSeq"]}, "from": {"$ne": user}}
+            )
             assert entry["unread"] == counted, (user, entry, ops)
 
 
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
 
 @fuzz(25)
@@ -162,6 +185,7 @@ def test_gm_unread_is_exact_under_concurrent_sends_and_reads(services, io_loop, 
 
 # ---- deferred delivery finds the news only ---------------------------------------------------------
 
+
 @pytest.mark.gen_test
 async def test_backlog_sends_only_the_news_and_live_messages_go_straight_out(api, services):
     for i in range(12):
@@ -177,7 +201,9 @@ async def test_backlog_sends_only_the_news_and_live_messages_go_straight_out(api
     news = [await api.send_pm(f"p{i}", "Rose", f"reply {i}", role="patient") for i in (3, 7)]
     plan = await services.inbox.backlog_plan("Rose")
     assert {ref.key for ref, received, newest in plan if newest > received} == {
-        ConversationRef.pm("Rose", "p3").key, ConversationRef.pm("Rose", "p7").key}
+        ConversationRef.pm("Rose", "p3").key,
+        ConversationRef.pm("Rose", "p7").key,
+    }
     again = await api.ws("Rose", "doctor")
     backlog = [(await again.recv_type("message"))["message"] for _ in range(2)]
     assert sorted(m["id"] for m in backlog) == sorted(m["id"] for m in news)
@@ -192,10 +218,14 @@ async def test_backlog_sends_only_the_news_and_live_messages_go_straight_out(api
 async def test_summaries_from_before_issue_13_are_upgraded(api, services):
     await api.send_pm("Rose", "Jack", "old one")
     await api.send_pm("Jack", "Rose", "old two", role="patient")
-    await api.post("/api/v1/chats/sm", {"to": "Jack", "title": "t", "summary": "s", "contentType": 1,
-                                        "content": "Your appointment"}, as_=SERVICE)
-    await api.post("/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 1},
-                   as_=PATIENT)
+    await api.post(
+        "/api/v1/chats/sm",
+        {"to": "Jack", "title": "t", "summary": "s", "contentType": 1, "content": "Your appointment"},
+        as_=SERVICE,
+    )
+    await api.post(
+        "/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": "Rose", "seq": 1}, as_=PATIENT
+    )
     # Strip what issue 13 added, as a summary written by the earlier server looks.
     added = {f"{name}{side}": "" for name in ("activity", "pending", "received", "read", "own") for side in "AB"}
     await services.db.conversations.update_many({}, {"$unset": {**added, "activityAt": ""}})
@@ -216,8 +246,9 @@ async def test_group_fan_out_frames_arrive_intact_at_every_size(api):
     jack, lily = await api.ws("Jack"), await api.ws("Lily")
     lily_too = await api.ws("Lily")
     for content in ("短", "x" * 125, "y" * 200, "今天感觉怎么样？🌡" * 888):  # 7-bit, 16-bit lengths
-        response = await api.post("/api/v1/chats/gm", {"from": "Rose", "group": "care-big", "contentType": 1,
-                                                        "content": content}, as_=DOCTOR)
+        response = await api.post(
+            "/api/v1/chats/gm", {"from": "Rose", "group": "care-big", "contentType": 1, "content": content}, as_=DOCTOR
+        )
         assert response.code == 201, response.body
         for socket in (jack, lily, lily_too):
             frame = await socket.recv_type("message")

@@ -17,10 +17,8 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from server.auth import mint_token
-from tests.conftest import free_port
-from tests.helpers import assert_error
-from tests.processes import ServerProcess
-from tests.test_messaging import PATIENT, SERVICE, make_group
+from tests.helpers import PATIENT, SERVICE, assert_error, make_group
+from tests.processes import ServerProcess, free_port
 
 OTHER_SECRET = "another-secret-0123456789abcdef0123"
 
@@ -107,9 +105,14 @@ async def test_malformed_authorization_header_is_401(api, header):
 @pytest.mark.gen_test
 async def test_patient_cannot_read_or_mark_another_users_conversations(api):
     await api.send_pm("Rose", "Lily", "Lily's results")
-    for path in ("/api/v1/chats/pm?user_id=Lily", "/api/v1/chats/pm?user_id=Lily&peer=Rose",
-                 "/api/v1/chats/sm?user_id=Lily", "/api/v1/conversations?user_id=Lily",
-                 "/api/v1/consultations?user_id=Lily", "/api/v1/users/Lily/groups"):
+    for path in (
+        "/api/v1/chats/pm?user_id=Lily",
+        "/api/v1/chats/pm?user_id=Lily&peer=Rose",
+        "/api/v1/chats/sm?user_id=Lily",
+        "/api/v1/conversations?user_id=Lily",
+        "/api/v1/consultations?user_id=Lily",
+        "/api/v1/users/Lily/groups",
+    ):
         assert_error(await api.get(path, as_=PATIENT), 403, "forbidden")
     mark = {"user_id": "Lily", "channel": "pm", "peer": "Rose", "seq": 1}
     assert_error(await api.post("/api/v1/conversations/read", mark, as_=PATIENT), 403, "forbidden")
@@ -132,8 +135,9 @@ async def test_nobody_posts_as_someone_else(api):
     listed = await api.get("/api/v1/chats/pm?user_id=Lily", as_=SERVICE)
     assert listed.json["messages"] == []
     jack = await api.ws("Jack")
-    ack = await jack.send_and_ack({"type": "pm", "from": "Lily", "to": "Rose", "contentType": 1,
-                                   "content": "over ws", "clientMsgId": "w1"})
+    ack = await jack.send_and_ack(
+        {"type": "pm", "from": "Lily", "to": "Rose", "contentType": 1, "content": "over ws", "clientMsgId": "w1"}
+    )
     assert ack["type"] == "ack" and ack["message"]["from"] == "Jack"  # `from` is the token's, always
 
 
@@ -151,8 +155,9 @@ async def test_non_member_cannot_read_or_write_a_group(api):
     assert_error(await api.request("DELETE", "/api/v1/groups/ward-7/members/Lily", as_=PATIENT), 403)
     assert_error(await api.get("/api/v1/users/Lily/presence", as_=PATIENT), 403, "forbidden")
     jack = await api.ws("Jack")
-    error = await jack.send_and_ack({"type": "gm", "group": "ward-7", "contentType": 1, "content": "hi",
-                                     "clientMsgId": "g1"})
+    error = await jack.send_and_ack(
+        {"type": "gm", "group": "ward-7", "contentType": 1, "content": "hi", "clientMsgId": "g1"}
+    )
     assert error["type"] == "error" and error["code"] == "not_a_member"
     await jack.send({"type": "read", "channel": "gm", "group": "ward-7", "seq": 1})
     assert (await jack.recv_type("error"))["code"] == "not_a_member"
@@ -165,8 +170,19 @@ async def test_non_member_cannot_read_or_write_a_group(api):
 
 # ---- no operator injection ------------------------------------------------------------------------
 
-INJECTIONS = [{"$gt": ""}, {"$ne": None}, {"$where": "sleep(1000)"}, ["Rose"], 7, True, "$gt", "$where",
-              "", "x" * 129, "bad\x00id"]
+INJECTIONS = [
+    {"$gt": ""},
+    {"$ne": None},
+    {"$where": "sleep(1000)"},
+    ["Rose"],
+    7,
+    True,
+    "$gt",
+    "$where",
+    "",
+    "x" * 129,
+    "bad\x00id",
+]
 
 
 @pytest.mark.gen_test
@@ -177,8 +193,11 @@ async def test_operator_ids_in_bodies_are_400(api, value):
         ("/api/v1/chats/pm", {"from": "Rose", "to": value, "contentType": 1, "content": "x"}, "to"),
         ("/api/v1/chats/pm", {"from": value, "to": "Jack", "contentType": 1, "content": "x"}, "from"),
         ("/api/v1/chats/gm", {"from": "Rose", "group": value, "contentType": 1, "content": "x"}, "group"),
-        ("/api/v1/chats/gm", {"from": "Rose", "group": "care-1", "at": [value], "contentType": 1,
-                              "content": "x"}, "at"),
+        (
+            "/api/v1/chats/gm",
+            {"from": "Rose", "group": "care-1", "at": [value], "contentType": 1, "content": "x"},
+            "at",
+        ),
         ("/api/v1/chats/sm", {"to": value, "title": "t", "contentType": 1, "content": "x"}, "to"),
         ("/api/v1/conversations/read", {"user_id": value, "channel": "pm", "peer": "Rose", "seq": 1}, "user_id"),
         ("/api/v1/conversations/read", {"user_id": "Jack", "channel": "pm", "peer": value, "seq": 1}, "peer"),
@@ -196,41 +215,54 @@ async def test_operator_ids_in_bodies_are_400(api, value):
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("query, field", [
-    ("user_id=%24gt", "user_id"),
-    ("user_id=%24where&peer=Rose", "user_id"),
-    ("user_id=Jack&peer=%24ne", "peer"),
-    ("user_id=Jack&user_id=Rose", "user_id"),
-    ("user_id[%24gt]=", "user_id"),
-    ("user_id=" + "x" * 129, "user_id"),
-    ("user_id=a%00b", "user_id"),
-    ("user_id=Jack&peer=Rose&after=%7B%22%24gt%22%3A0%7D", "after"),
-    ("user_id=Jack&peer=Rose&cursor=%7B%22%24gt%22%3A0%7D", "cursor"),
-])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("user_id=%24gt", "user_id"),
+        ("user_id=%24where&peer=Rose", "user_id"),
+        ("user_id=Jack&peer=%24ne", "peer"),
+        ("user_id=Jack&user_id=Rose", "user_id"),
+        ("user_id[%24gt]=", "user_id"),
+        ("user_id=" + "x" * 129, "user_id"),
+        ("user_id=a%00b", "user_id"),
+        ("user_id=Jack&peer=Rose&after=%7B%22%24gt%22%3A0%7D", "after"),
+        ("user_id=Jack&peer=Rose&cursor=%7B%22%24gt%22%3A0%7D", "cursor"),
+    ],
+)
 async def test_operator_ids_in_queries_are_400(api, query, field):
     await api.send_pm("Rose", "Jack", "hello")
     assert_error(await api.get(f"/api/v1/chats/pm?{query}", as_=SERVICE), 400, "invalid_field", field)
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("path", ["/api/v1/conversations?user_id=%24gt", "/api/v1/chats/gm?group=%24in",
-                                  "/api/v1/consultations?user_id=%24ne", "/api/v1/chats/sm?user_id=%24gt"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/conversations?user_id=%24gt",
+        "/api/v1/chats/gm?group=%24in",
+        "/api/v1/consultations?user_id=%24ne",
+        "/api/v1/chats/sm?user_id=%24gt",
+    ],
+)
 async def test_operator_ids_in_other_queries_are_400(api, path):
     assert_error(await api.get(path, as_=SERVICE), 400, "invalid_field")
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/api/v1/groups/%24gt"),
-    ("GET", "/api/v1/groups/%24where"),
-    ("POST", "/api/v1/groups/%24gt/members"),
-    ("DELETE", "/api/v1/groups/care-1/members/%24ne"),
-    ("DELETE", "/api/v1/groups/%24gt/members/Jack"),
-    ("GET", "/api/v1/users/%24gt/groups"),
-    ("GET", "/api/v1/users/%24gt/presence"),
-    ("POST", "/api/v1/consultations/%24gt/end"),
-    ("GET", "/api/v1/groups/" + "x" * 129),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/api/v1/groups/%24gt"),
+        ("GET", "/api/v1/groups/%24where"),
+        ("POST", "/api/v1/groups/%24gt/members"),
+        ("DELETE", "/api/v1/groups/care-1/members/%24ne"),
+        ("DELETE", "/api/v1/groups/%24gt/members/Jack"),
+        ("GET", "/api/v1/users/%24gt/groups"),
+        ("GET", "/api/v1/users/%24gt/presence"),
+        ("POST", "/api/v1/consultations/%24gt/end"),
+        ("GET", "/api/v1/groups/" + "x" * 129),
+    ],
+)
 async def test_operator_ids_in_paths_are_400(api, method, path):
     await make_group(api, "care-1", members=("Rose", "Jack"))
     body = {"members": ["Lily"], "operator": "Rose"} if method == "POST" else None
@@ -266,16 +298,24 @@ async def test_tokens_never_reach_the_server_log(mongo, tmp_path, settings):
         patient = mint_token(settings.auth_secret, "Jack", "patient")
         bad = bad_tokens(settings.auth_secret)
         from tornado.httpclient import AsyncHTTPClient
+
         client = AsyncHTTPClient()
         for token in [good, *bad.values()]:
             for url, method, body in [
-                ("/api/v1/chats/pm", "POST", json.dumps({"from": "Rose", "to": "Jack", "contentType": 1,
-                                                        "content": "secret content"})),
+                (
+                    "/api/v1/chats/pm",
+                    "POST",
+                    json.dumps({"from": "Rose", "to": "Jack", "contentType": 1, "content": "secret content"}),
+                ),
                 ("/api/v1/conversations?user_id=Rose", "GET", None),
                 ("/api/v1/nowhere", "GET", None),
             ]:
-                await client.fetch(HTTPRequest(server.base_url + url, method=method, body=body,
-                                               headers={"Authorization": f"Bearer {token}"}), raise_error=False)
+                await client.fetch(
+                    HTTPRequest(
+                        server.base_url + url, method=method, body=body, headers={"Authorization": f"Bearer {token}"}
+                    ),
+                    raise_error=False,
+                )
         ws_base = f"ws://127.0.0.1:{server.port}/ws?token="
         conn = await websocket_connect(ws_base + patient)
         await conn.write_message(json.dumps({"type": "ping"}))
@@ -312,9 +352,17 @@ class TestOriginAllowList:
         return await api.ws("Jack", headers=headers)
 
     @pytest.mark.gen_test
-    @pytest.mark.parametrize("origin", ["https://evil.example", "http://clinic.example",
-                                        "https://clinic.example.evil.example", "https://clinic.example:8443",
-                                        "null", "file://"])
+    @pytest.mark.parametrize(
+        "origin",
+        [
+            "https://evil.example",
+            "http://clinic.example",
+            "https://clinic.example.evil.example",
+            "https://clinic.example:8443",
+            "null",
+            "file://",
+        ],
+    )
     async def test_browser_origin_not_on_the_list_is_refused_with_403(self, api, origin):
         with pytest.raises(HTTPClientError) as refused:
             await self._connect(api, origin)

@@ -8,7 +8,7 @@ import json
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.test_messaging import DOCTOR, make_group
+from tests.helpers import DOCTOR, make_group
 
 
 def pm_frame(to: str, content: str, client_msg_id: str, **extra) -> dict:
@@ -26,6 +26,7 @@ async def test_bad_token_is_refused_at_the_handshake(api, token):
 
 async def _connect_without_token(api):
     from tornado.websocket import websocket_connect
+
     return await websocket_connect(api.base_url.replace("http", "ws", 1) + "/ws")
 
 
@@ -61,8 +62,11 @@ async def test_offline_user_gets_the_backlog_then_live_messages(api):
     for i in range(1, 4):
         await api.send_pm("Rose", "Jack", f"r{i}")
     await api.send_pm("Lily", "Jack", "from Lily")
-    await api.post("/api/v1/chats/sm", {"to": "Jack", "title": "T", "summary": "S", "contentType": 1,
-                                        "content": "system"}, as_=("platform", "service"))
+    await api.post(
+        "/api/v1/chats/sm",
+        {"to": "Jack", "title": "T", "summary": "S", "contentType": 1, "content": "system"},
+        as_=("platform", "service"),
+    )
     jack = await api.ws("Jack")
     got = [(await jack.recv_type("message"))["message"] for _ in range(5)]
     by_peer = {}
@@ -94,12 +98,15 @@ async def test_backlog_and_concurrent_live_messages_have_no_gap_and_no_duplicate
     backlog = 150
     await asyncio.gather(*[api.send_pm("Rose", "Jack", f"b{i}") for i in range(backlog)])
 
+    live_started = asyncio.Event()
+
     async def live_sender():
         for i in range(60):
             await api.send_pm("Rose", "Jack", f"l{i}")
+            live_started.set()
 
     sender = asyncio.ensure_future(live_sender())
-    await asyncio.sleep(0)
+    await live_started.wait()  # live sends are under way while Jack connects and reads his backlog
     jack = await api.ws("Jack")
     seqs = []
     while len(seqs) < backlog + 60:
@@ -151,32 +158,50 @@ async def test_group_send_receipts_and_mentions_over_ws(api):
     rose, jack, lily = await api.ws("Rose", "doctor"), await api.ws("Jack"), await api.ws("Lily")
     for s in (rose, jack, lily):
         await s.recv_type("message")  # the group.created notice from the backlog
-    ack = await rose.send_and_ack({"type": "gm", "group": "care-1", "groupType": 1, "at": ["Jack"],
-                                   "contentType": 1, "content": "@Jack how are you?", "clientMsgId": "g1"})
+    ack = await rose.send_and_ack(
+        {
+            "type": "gm",
+            "group": "care-1",
+            "groupType": 1,
+            "at": ["Jack"],
+            "contentType": 1,
+            "content": "@Jack how are you?",
+            "clientMsgId": "g1",
+        }
+    )
     assert ack["type"] == "ack" and ack["message"]["at"] == ["Jack"] and ack["message"]["seq"] == 2
     for s in (jack, lily):
         assert (await s.recv_type("message"))["message"] == ack["message"]
     await jack.send({"type": "read", "channel": "gm", "group": "care-1", "seq": 2})
     for s in (rose, lily):
-        assert await s.recv_type("receipt") == {"type": "receipt", "channel": "gm", "user": "Jack", "seq": 2,
-                                                "group": "care-1"}
-    error = await jack.send_and_ack({"type": "gm", "group": "other", "contentType": 1, "content": "x",
-                                     "clientMsgId": "g2"})
+        assert await s.recv_type("receipt") == {
+            "type": "receipt",
+            "channel": "gm",
+            "user": "Jack",
+            "seq": 2,
+            "group": "care-1",
+        }
+    error = await jack.send_and_ack(
+        {"type": "gm", "group": "other", "contentType": 1, "content": "x", "clientMsgId": "g2"}
+    )
     assert error["type"] == "error" and error["code"] == "not_found"
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("frame, field", [
-    ("not json", "frame"),
-    ("[1, 2]", "frame"),
-    ('{"type": "dance"}', "type"),
-    ('{"no": "type"}', "type"),
-    ('{"type": "pm", "to": "Rose", "contentType": 1, "content": "x"}', "clientMsgId"),
-    ('{"type": "pm", "to": {"$gt": ""}, "contentType": 1, "content": "x", "clientMsgId": "e"}', "to"),
-    ('{"type": "pm", "to": "Rose", "contentType": 9, "content": "x", "clientMsgId": "e"}', "contentType"),
-    ('{"type": "read", "channel": "pm", "peer": "Rose", "seq": "x"}', "seq"),
-    ('{"type": "received", "channel": "zz", "seq": 1}', "channel"),
-])
+@pytest.mark.parametrize(
+    "frame, field",
+    [
+        ("not json", "frame"),
+        ("[1, 2]", "frame"),
+        ('{"type": "dance"}', "type"),
+        ('{"no": "type"}', "type"),
+        ('{"type": "pm", "to": "Rose", "contentType": 1, "content": "x"}', "clientMsgId"),
+        ('{"type": "pm", "to": {"$gt": ""}, "contentType": 1, "content": "x", "clientMsgId": "e"}', "to"),
+        ('{"type": "pm", "to": "Rose", "contentType": 9, "content": "x", "clientMsgId": "e"}', "contentType"),
+        ('{"type": "read", "channel": "pm", "peer": "Rose", "seq": "x"}', "seq"),
+        ('{"type": "received", "channel": "zz", "seq": 1}', "channel"),
+    ],
+)
 async def test_malformed_frames_get_an_error_frame_and_the_socket_stays_open(api, frame, field):
     jack = await api.ws("Jack")
     await jack.conn.write_message(frame)

@@ -25,8 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from server.auth import mint_token
-from tests.conftest import free_port
-from tests.processes import ServerProcess
+from tests.processes import ServerProcess, free_port
 
 TEST_SECRET = "test-secret-0123456789abcdef0123456789"
 FRAME_LIMIT_BYTES = 64 * 1024
@@ -36,8 +35,7 @@ SERVER_FRAME_TYPES = {"error", "ack", "pong", "message", "receipt"}
 
 def fuzz(max_examples: int) -> settings:
     """Bounded, reproducible runs (derandomize) with no per-example deadline (real I/O)."""
-    return settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck),
-                    derandomize=True)
+    return settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +76,9 @@ def client(server):
     jack.drop()
 
 
-def send_and_check(client: Client, payload: str | bytes, server: ServerProcess,
-                   allowed_close_codes: frozenset[int] = frozenset()) -> list[dict]:
+def send_and_check(
+    client: Client, payload: str | bytes, server: ServerProcess, allowed_close_codes: frozenset[int] = frozenset()
+) -> list[dict]:
     """Send one frame, then a ping: every reply up to the pong must be a well-formed server frame.
 
     A close with one of allowed_close_codes is accepted (the next example reconnects). Returns the
@@ -119,16 +118,22 @@ def assert_still_serving(client: Client, server: ServerProcess) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=50),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
 )
 # Valid frames of every kind; the tests below break them one field at a time.
 TEMPLATES = {
     "pm": {"type": "pm", "to": "Rose", "contentType": 1, "content": "hello", "clientMsgId": "c"},
-    "gm": {"type": "gm", "group": "g1", "groupType": 1, "at": ["Rose"], "contentType": 1, "content": "hi",
-           "clientMsgId": "g"},
+    "gm": {
+        "type": "gm",
+        "group": "g1",
+        "groupType": 1,
+        "at": ["Rose"],
+        "contentType": 1,
+        "content": "hi",
+        "clientMsgId": "g",
+    },
     "read": {"type": "read", "channel": "pm", "peer": "Rose", "seq": 1},
     "received": {"type": "received", "channel": "gm", "group": "g1", "seq": 1},
     "ping": {"type": "ping"},
@@ -204,8 +209,12 @@ def raw_websocket(server: ServerProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     token = mint_token(TEST_SECRET, "Jack", "patient")
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1)
@@ -250,7 +259,7 @@ def read_close_or_eof(sock: socket.socket, until_pong: bool = False) -> int | st
                 length, offset = struct.unpack(">Q", buffer[2:10])[0], 10
             if len(buffer) < offset + length:
                 break
-            payload, buffer = buffer[offset:offset + length], buffer[offset + length:]
+            payload, buffer = buffer[offset : offset + length], buffer[offset + length :]
             if opcode == 0x8:
                 return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
             if until_pong and opcode == 0x1 and json.loads(payload).get("type") == "pong":
@@ -258,8 +267,9 @@ def read_close_or_eof(sock: socket.socket, until_pong: bool = False) -> int | st
 
 
 INVALID_UTF8 = st.one_of(
-    st.sampled_from([b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80",
-                     b'{"type":"ping","x":"\xc0\xaf"}']),
+    st.sampled_from(
+        [b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b'{"type":"ping","x":"\xc0\xaf"}']
+    ),
     st.binary(min_size=1, max_size=100).map(lambda b: b + b"\xff"),
 )
 
