@@ -1,0 +1,228 @@
+"""push.needed and message.unread_reminder (SPEC §12), computed on the dispatcher's side.
+
+The send path stores one message.created event (with `plan: "pending"`); this planner, run by the
+dispatcher, claims it (a lease, like deliveries), finds the recipients without a socket on any
+process and, per (user, conversation), opens or extends a coalescing window: one push.needed event
+per window, due when the window closes (coalesce_secs after its first message), carrying the
+window's newest seq and whether any of its messages mentioned the user. The user's total unread is
+counted when the window closes (prepare), so the badge is current. Nothing here holds message text:
+push data is built from ids and numbers only.
+
+Reminders: per (user, conversation) at most one open reminder; it is due after_secs after the
+message, cancelled if the user has read that far by then, and once the user has read, the next
+unread message may arm the next one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any, Protocol
+
+from pymongo import ReturnDocument
+
+from models.clock import iso
+from models.conversations import ConversationRef, ConversationStore, count_unread
+from models.database import Database
+from models.groups import GroupStore
+from models.messages import recipients_of
+from models.outbox import COLLECTION, Outbox
+from models.presence import INSTANCE_STALE_AFTER_SECS
+
+log = logging.getLogger(__name__)
+
+PLAN_LEASE_SECS = 60.0
+PLAN_BATCH = 100
+
+
+class LocalSockets(Protocol):
+    def is_online(self, user_id: str) -> bool: ...
+
+
+def conversation_of(message: dict[str, Any]) -> ConversationRef:
+    if message["channel"] == "pm":
+        if "doctor" in message and "patient" in message:
+            return ConversationRef.pm(message["doctor"], message["patient"])
+        return ConversationRef.pm(message["from"], message["to"])
+    if message["channel"] == "gm":
+        return ConversationRef.gm(message["group"])
+    return ConversationRef.sm(message["to"])
+
+
+def where(ref: ConversationRef, user: str) -> dict[str, str]:
+    """{"channel", "peer" or "group"} of a conversation as the user sees it (none for sm)."""
+    out = {"channel": ref.channel}
+    if ref.channel == "pm":
+        low, high = ref.pm_pair()
+        out["peer"] = high if low == user else low
+    elif ref.channel == "gm":
+        out["group"] = ref.conv
+    return out
+
+
+class PushPlanner:
+    def __init__(
+        self,
+        db: Database,
+        outbox: Outbox,
+        sockets: LocalSockets,
+        groups: GroupStore,
+        conversations: ConversationStore,
+        *,
+        push_on: bool,
+        coalesce_secs: float,
+        reminder_after_secs: float,
+    ):
+        self._db = db
+        self._events = db[COLLECTION]
+        self._outbox = outbox
+        self._sockets = sockets
+        self._groups = groups
+        self._conversations = conversations
+        self._push_on = push_on
+        self._coalesce_secs = coalesce_secs
+        self._reminder_after_secs = reminder_after_secs
+
+    async def plan_pending(self) -> None:
+        """Turn stored message.created events into push windows and reminders (bounded per call)."""
+        for _ in range(PLAN_BATCH):
+            now = time.time()
+            doc = await self._events.find_one_and_update(
+                {"plan": "pending", "planLeaseUntil": {"$lte": now}},
+                {"$set": {"planLeaseUntil": now + PLAN_LEASE_SECS}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:
+                return
+            try:
+                await self.plan_message(doc["data"]["message"])
+            except Exception:
+                log.exception("push planner: message of event %s not planned; retried after the lease", doc["_id"])
+                continue
+            await self._events.update_one({"_id": doc["_id"]}, {"$set": {"plan": "done"}})
+
+    async def plan_message(self, message: dict[str, Any]) -> None:
+        ref = conversation_of(message)
+        members: list[str] = []
+        if ref.channel == "gm":
+            group = await self._groups.find(ref.conv)
+            members = list(group["members"]) if group else []
+        recipients = [u for u in dict.fromkeys(recipients_of(ref, message, members)) if u != message.get("from")]
+        if not recipients:
+            return
+        if self._push_on:
+            for user in await self.offline(recipients):
+                await self._extend_window(user, ref, message)
+        if self._reminder_after_secs > 0:
+            for user in recipients:
+                await self._arm_reminder(user, ref, message)
+
+    async def offline(self, users: list[str]) -> list[str]:
+        """Those of users with no socket here nor on any live process (models/presence.py's onlineOn)."""
+        candidates = [u for u in users if not self._sockets.is_online(u)]
+        if not candidates:
+            return []
+        online_on: dict[str, list[str]] = {}
+        async for doc in self._db.presence.find({"_id": {"$in": candidates}}, {"onlineOn": 1}):
+            if doc.get("onlineOn"):
+                online_on[doc["_id"]] = list(doc["onlineOn"])
+        alive: set[str] = set()
+        instances = {i for ids in online_on.values() for i in ids}
+        if instances:
+            fresh = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=INSTANCE_STALE_AFTER_SECS)
+            async for doc in self._db.instances.find({"_id": {"$in": sorted(instances)}}):
+                beat = doc["beatAt"]
+                if isinstance(beat, str):
+                    beat = datetime.datetime.fromisoformat(beat).replace(tzinfo=datetime.UTC)
+                if beat.tzinfo is None:
+                    beat = beat.replace(tzinfo=datetime.UTC)
+                if beat >= fresh:
+                    alive.add(doc["_id"])
+        return [u for u in candidates if not any(i in alive for i in online_on.get(u, []))]
+
+    async def _extend_window(self, user: str, ref: ConversationRef, message: dict[str, Any]) -> None:
+        key = f"{user}|{ref.key}"
+        open_window = {"type": "push.needed", "windowKey": key, "open": True, "status": "pending"}
+        mentioned = ref.channel == "gm" and user in (message.get("at") or [])
+        if await self._events.find_one(open_window, {"_id": 1}) is not None:
+            await self._events.update_one(
+                {**open_window, "data.seq": {"$lt": message["seq"]}},
+                {"$set": {"data.seq": message["seq"], "data.messageId": message["id"]}},
+            )
+            if mentioned:
+                await self._events.update_one(open_window, {"$set": {"data.mentioned": True}})
+            return
+        data: dict[str, Any] = {"user": user, **where(ref, user), "messageId": message["id"], "seq": message["seq"]}
+        data["unread"] = 0  # counted when the window closes (prepare)
+        if ref.channel == "gm":
+            data["mentioned"] = mentioned
+        doc = self._outbox.build("push.needed", data, due_in_secs=self._coalesce_secs)
+        if doc is not None:
+            doc.update({"windowKey": key, "open": True, "conv": ref.key})
+            await self._outbox.store(doc)
+
+    async def _arm_reminder(self, user: str, ref: ConversationRef, message: dict[str, Any]) -> None:
+        key = f"{user}|{ref.key}"
+        existing = await self._events.find_one({"remKey": key, "remOpen": True})
+        if existing is not None:
+            if await self.read_seq(user, ref) < existing["data"]["seq"]:
+                return  # one reminder while it stays unread, not repeated
+            await self._events.update_one({"_id": existing["_id"]}, {"$set": {"remOpen": False}})
+        data = {
+            "user": user,
+            **where(ref, user),
+            "messageId": message["id"],
+            "seq": message["seq"],
+            "unreadSince": message["createdAt"],
+        }
+        doc = self._outbox.build("message.unread_reminder", data, due_in_secs=self._reminder_after_secs)
+        if doc is not None:
+            doc.update({"remKey": key, "remOpen": True, "conv": ref.key})
+            await self._outbox.store(doc)
+
+    async def read_seq(self, user: str, ref: ConversationRef) -> int:
+        cursor = await self._db.cursors.find_one({"user": user, "channel": ref.channel, "conv": ref.conv}, {"read": 1})
+        return int(cursor.get("read", 0)) if cursor else 0
+
+    async def total_unread(self, user: str) -> int:
+        """The user's unread over all its conversations (as GET /conversations counts them)."""
+        group_ids = await self._groups.ids_for_user(user)
+        summaries = await self._conversations.find_summaries(user, group_ids)
+        group_cursors = await self._conversations.get_group_cursors(
+            user, [s["conv"] for s in summaries if s["channel"] == "gm"]
+        )
+        total = 0
+        for summary in summaries:
+            ref = ConversationRef(summary["channel"], summary["conv"])
+            side = ref.side_of(user)
+            if side is not None:
+                read_seq, own = summary.get(f"read{side}", 0), summary.get(f"own{side}", [])
+            else:
+                marker = group_cursors.get(ref.key, {})
+                read_seq, own = marker.get("read", 0), marker.get("own", [])
+            total += count_unread(summary["lastSeq"], read_seq, own)
+        return total
+
+    async def prepare(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Before the first attempt: a closed push window gets its unread count (kept for retries);
+        a reminder whose message was read meanwhile is cancelled (None)."""
+        if doc.get("attempts") != 1 or "conv" not in doc:
+            return doc
+        user = doc["data"]["user"]
+        if doc["type"] == "push.needed":
+            data = {**doc["data"], "unread": await self.total_unread(user)}
+            if "mentioned" in data:  # nx-27017 hands a $set true back as 1
+                data["mentioned"] = bool(data["mentioned"])
+            await self._events.update_one({"_id": doc["_id"]}, {"$set": {"data": data}})
+            return {**doc, "data": data}
+        if doc["type"] == "message.unread_reminder":
+            ref = ConversationRef.from_key(doc["conv"])
+            if await self.read_seq(user, ref) >= doc["data"]["seq"]:
+                await self._events.update_one({"_id": doc["_id"]}, {"$set": {"status": "cancelled", "remOpen": False}})
+                return None
+        return doc
+
+
+def unix_to_iso(seconds: float) -> str:
+    return iso(datetime.datetime.fromtimestamp(seconds, datetime.UTC))
