@@ -181,8 +181,11 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--metrics", choices=("on", "off"), default="on", help="[metrics] enabled (SPEC §17 cost, side by side)"
+    )
     args = parser.parse_args()
-    with Stack("s1") as stack:
+    with Stack("s1", server_env={"IM_METRICS_ENABLED": "true" if args.metrics == "on" else "false"}) as stack:
         asyncio.run(
             scenario(
                 stack,

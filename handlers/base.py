@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import tornado.web
 from pymongo.errors import ConnectionFailure
@@ -12,6 +16,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
 from handlers.errors import error_for_status, finish_with_error, to_im_error
+from models.audit import asked_target, record_denied
 from models.errors import IMError, InvalidField, NotFound, TooLarge, Unauthenticated
 from models.principal import Principal
 from models.validation import check_id, parse_json_object
@@ -48,6 +53,37 @@ def log_handler_exception(request: HTTPServerRequest, typ: Any, value: BaseExcep
         log.error("uncaught exception in %s %s", request.method, request.path, exc_info=value)
 
 
+# Path segment -> the target name of the id after it, for access.denied entries (SPEC §13).
+PATH_TARGETS = {
+    "chats": "channel",
+    "sm": "messageId",
+    "pm": "messageId",
+    "gm": "messageId",
+    "groups": "group",
+    "members": "user",
+    "users": "user",
+    "files": "fileId",
+    "consultations": "consultationId",
+}
+HTTP_VERBS = ("get", "head", "post", "put", "patch", "delete")
+
+
+def audit_refusals(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """A handler method whose 403s are stored as access.denied before they are answered."""
+
+    @functools.wraps(method)
+    async def wrapper(self: BaseHandler, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = method(self, *args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        except IMError as exc:
+            if exc.status == 403:
+                await self.record_refusal()
+            raise
+
+    return wrapper
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """Bodies are streamed so that a body over the cap is a 413 envelope however large it is
@@ -59,6 +95,32 @@ class BaseHandler(tornado.web.RequestHandler):
     # Set once prepare() has let the request through to its body (see closes_connection).
     _admitted = False
     _answer_now = False
+
+    _refusal_recorded = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for verb in HTTP_VERBS:
+            if verb in cls.__dict__:
+                setattr(cls, verb, audit_refusals(cls.__dict__[verb]))
+
+    async def record_refusal(self) -> None:
+        """access.denied with what was asked (path ids, query, JSON body fields), once per request."""
+        principal = self._principal_cache
+        if principal is None or self._refusal_recorded:
+            return
+        self._refusal_recorded = True
+        parts = [unquote(part) for part in self.request.path.split("/")[3:]]
+        pairs = zip(parts, parts[1:], strict=False)
+        from_path = {PATH_TARGETS[name]: value for name, value in pairs if name in PATH_TARGETS}
+        body: Any = {}
+        try:
+            body = json.loads(bytes(self._body)) if self._body else {}
+        except ValueError:
+            body = {}
+        query = {name: values[0].decode("utf-8", "replace") for name, values in self.request.query_arguments.items()}
+        target = asked_target(from_path, query, body if isinstance(body, dict) else {})
+        await record_denied(self.services.audit, principal, "rest", target)
 
     def body_cap(self) -> int:
         """The largest body this handler accepts; JSON handlers share one limit."""

@@ -15,7 +15,9 @@ class ConversationsHandler(BaseHandler):
         query = self.query()
         user = require_own_user(principal, query)
         limit = parse_limit(query.get("limit"))
-        self.write_json(await self.services.inbox.list_conversations(user, limit, query.get("cursor")))
+        page = await self.services.inbox.list_conversations(user, limit, query.get("cursor"))
+        await self.services.audit.record_for(principal, "conversations.read", "rest", {"user": user})
+        self.write_json(page)
 
 
 class ReadMarkerHandler(BaseHandler):

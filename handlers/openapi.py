@@ -64,6 +64,24 @@ ID = _ref("Id")
 SEQ = {"type": "integer", "minimum": 0, "maximum": 2**53}
 OBJECT_ID = {"type": "string", "pattern": "^[0-9a-f]{24}$"}
 TIMESTAMP = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"}
+WEBHOOK_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "type", "status", "attempts", "lastError", "nextAttemptAt", "createdAt"],
+    "properties": {
+        "id": OBJECT_ID,
+        "type": {"type": "string"},
+        "status": {"enum": ["pending", "failed", "delivered"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "lastError": {"type": ["string", "null"]},
+        "nextAttemptAt": {"oneOf": [TIMESTAMP, {"type": "null"}]},
+        "createdAt": TIMESTAMP,
+    },
+}
+WEBHOOK_EVENT_PAGE = {
+    "type": "object",
+    "required": ["events", "next"],
+    "properties": {"events": {"type": "array", "items": WEBHOOK_EVENT}, "next": {"type": ["string", "null"]}},
+}
 PAGE_PARAMS = [
     _query("after", SEQ, "Exclusive lower seq bound (needs one conversation named)."),
     _query("before", SEQ, "Exclusive upper seq bound: the `limit` messages just below it, oldest first."),
@@ -310,6 +328,68 @@ MARKER_CONVERSATION = {
     "seq": SEQ,
 }
 FILE_MEDIA = {"schema": {"type": "string", "format": "binary"}}
+
+NULLABLE_TIME = {"oneOf": [TIMESTAMP, {"type": "null"}]}
+NULLABLE_ID = {"oneOf": [ID, {"type": "null"}]}
+ACCOUNT = {
+    "type": "object",
+    "required": [
+        "user",
+        "suspended",
+        "reason",
+        "suspendedAt",
+        "suspendedBy",
+        "tokensValidFrom",
+        "revokedAt",
+        "revokedBy",
+    ],
+    "properties": {
+        "user": ID,
+        "suspended": {"type": "boolean"},
+        "reason": {"oneOf": [{"type": "string"}, {"type": "null"}]},
+        "suspendedAt": NULLABLE_TIME,
+        "suspendedBy": NULLABLE_ID,
+        "tokensValidFrom": {
+            **NULLABLE_TIME,
+            "description": "Tokens with an iat at or after this second work; older ones, and any "
+            "without iat, are refused.",
+        },
+        "revokedAt": NULLABLE_TIME,
+        "revokedBy": NULLABLE_ID,
+    },
+}
+
+RECEIPTS_OPERATION: dict[str, Any] = {
+    "summary": "When each recipient received and read a message (the sender, service, admin)",
+    "parameters": [_path("id", ID, "The message id.")],
+    "responses": _responses(
+        {
+            "200": _ok(
+                "One receipt per recipient; null where not yet.",
+                {
+                    "type": "object",
+                    "required": ["message", "receipts"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "receipts": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["user", "receivedAt", "readAt"],
+                                "properties": {
+                                    "user": {"type": "string"},
+                                    "receivedAt": {"type": ["string", "null"]},
+                                    "readAt": {"type": ["string", "null"]},
+                                },
+                            },
+                        },
+                    },
+                },
+            )
+        },
+        *READ_ERRORS,
+    ),
+}
 
 PATHS: dict[str, Any] = {
     "/api/v1/chats/pm": {
@@ -665,6 +745,65 @@ PATHS: dict[str, Any] = {
             ),
         },
     },
+    "/api/v1/audit": {
+        "get": {
+            "summary": "The audit trail, newest first (admin only; the query is itself audited)",
+            "operationId": "listAudit",
+            "parameters": [
+                _query("actor", ID, "Who acted."),
+                _query("user", ID, "Entries whose target concerns this user (its user or peer)."),
+                _query("channel", {"type": "string", "enum": ["sm", "pm", "gm"]}, "The target's channel."),
+                _query("peer", ID, "The target's peer."),
+                _query("group", ID, "The target's group."),
+                _query("action", {"type": "string"}, "One action of SPEC §13 (messages.read, access.denied, ...)."),
+                _query("since", {"type": "string", "format": "date-time"}, "ISO 8601, inclusive."),
+                _query("until", {"type": "string", "format": "date-time"}, "ISO 8601, exclusive."),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50."),
+                _query("cursor", {"type": "string", "maxLength": 100}, "The `next` of a previous page."),
+            ],
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "A page of entries.",
+                        {
+                            "type": "object",
+                            "required": ["entries", "next"],
+                            "properties": {
+                                "entries": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["id", "at", "actor", "role", "action", "via", "target", "outcome"],
+                                        "properties": {
+                                            "id": {"type": "string"},
+                                            "at": TIMESTAMP,
+                                            "actor": {"type": "string"},
+                                            "role": {"type": "string"},
+                                            "action": {"type": "string"},
+                                            "via": {"type": "string", "enum": ["rest", "ws", "system"]},
+                                            "target": {"type": "object"},
+                                            "outcome": {"type": "string", "enum": ["ok", "denied"]},
+                                        },
+                                    },
+                                },
+                                "next": {"type": ["string", "null"]},
+                            },
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
+    },
+    **{
+        f"/api/v1/chats/{channel}/{{id}}/receipts": {
+            "get": {**RECEIPTS_OPERATION, "operationId": f"get{channel.upper()}Receipts"}
+        }
+        for channel in ("sm", "pm", "gm")
+    },
     "/api/v1/status": {
         "get": {
             "summary": "Running status (public; admin tokens add connection counts)",
@@ -672,6 +811,62 @@ PATHS: dict[str, Any] = {
             "security": [{}, {"bearerAuth": []}],
             "responses": _responses({"200": _ok("Status.", _ref("Status"))}, "400", "401"),
         },
+    },
+    "/api/v1/webhooks/events": {
+        "get": {
+            "summary": "Webhook events of the outbox, newest first (admin only; SPEC §11)",
+            "operationId": "listWebhookEvents",
+            "parameters": [
+                _query("status", {"enum": ["pending", "failed", "delivered"]}, "Only events in this state."),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size; default 50."),
+                _query("cursor", OBJECT_ID, "The `next` of the previous page."),
+            ],
+            "responses": _responses(
+                {"200": _ok("A page of events.", WEBHOOK_EVENT_PAGE)}, "400", "401", "403", "404", "503"
+            ),
+        },
+    },
+    "/api/v1/webhooks/events/{id}/retry": {
+        "post": {
+            "summary": "Queue a failed event again, attempts from 1 (admin only)",
+            "operationId": "retryWebhookEvent",
+            "parameters": [_path("id", OBJECT_ID, "The event id (X-IM-Event-Id).")],
+            "responses": _responses(
+                {"200": _ok("The event, pending again.", WEBHOOK_EVENT)}, "400", "401", "403", "404", "409", "503"
+            ),
+        },
+    },
+    **{
+        f"/api/v1/users/{{id}}/{action}": {
+            "post": {
+                "summary": summary,
+                "operationId": operation,
+                "description": "Admin only (SPEC §17). Stored (journaled) before the answer; every server "
+                "process applies it within 2 s (sockets closed with 4003 on suspend, 4001 on revoke).",
+                "parameters": [_path("id", ID, "The user.")],
+                "requestBody": _json_body(
+                    {
+                        "type": "object",
+                        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}},
+                        **({"required": ["reason"]} if action == "suspend" else {}),
+                    },
+                    required=action == "suspend",
+                ),
+                "responses": _responses(
+                    {"200": _ok("The account as it now is.", ACCOUNT)}, "400", "401", "403", "413", "503"
+                ),
+            },
+        }
+        for action, summary, operation in (
+            ("suspend", "Suspend a user: its tokens are refused (401 account_suspended)", "suspendUser"),
+            ("reactivate", "Undo a suspension", "reactivateUser"),
+            (
+                "revoke-tokens",
+                "Refuse every token of the user issued until now (401 token_revoked); answers once "
+                "the current second is over, so tokens minted after the answer work",
+                "revokeUserTokens",
+            ),
+        )
     },
     "/api/v1/openapi.json": {
         "get": {
@@ -682,6 +877,7 @@ PATHS: dict[str, Any] = {
         },
     },
 }
+
 
 OPENAPI_DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

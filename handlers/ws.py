@@ -17,6 +17,7 @@ import tornado.websocket
 
 from handlers.base import log_handler_exception
 from handlers.errors import error_frame, finish_with_error, to_im_error
+from models.audit import asked_target, record_denied
 from models.errors import IMError, InternalError, InvalidField
 from models.principal import Principal
 from models.validation import parse_client_msg_id, parse_json_object
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     principal: Principal
+    token_issued_at: float | None = None
     session: ChatSession | None = None
 
     @property
@@ -42,7 +44,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     async def prepare(self) -> None:
         """Refuse before the upgrade: 401 for a bad token, 429 over the connection caps."""
         try:
-            self.principal = self.services.tokens.verify(self.get_query_argument("token", None))
+            token = self.get_query_argument("token", None)
+            self.principal, self.token_issued_at = self.services.tokens.verify_issued(token)
             self.services.directory.note_principal(self.principal)  # who is a doctor (models/directory.py)
             limits = self.services.settings.limits
             self.services.hub.check_room(
@@ -66,8 +69,18 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         """Register the connection's session with the hub, then let it send the backlog."""
         services = self.services
         transport = WebSocketTransport(self, self.principal.user_id)
-        self.session = ChatSession(self.principal, transport, services.inbox, services.backlog_slots, services.fanout)
+        self.session = ChatSession(
+            self.principal,
+            transport,
+            services.inbox,
+            services.backlog_slots,
+            services.fanout,
+            token_issued_at=self.token_issued_at,
+            on_backlog_sent=services.metrics.note_backlog,
+        )
         services.hub.register(self.session)
+        # A suspend or revoke that landed since the handshake closes it now (4003 / 4001).
+        services.accounts.apply_to_socket(self.session)
         log.info("socket opened for %s (%s)", self.principal.user_id, self.principal.role)
         self.session.start()
 
@@ -84,6 +97,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         """Dispatch a frame on its type; a failure is an error frame (with the frame's clientMsgId)."""
         assert self.session is not None  # Tornado reads frames only after open()
         client_msg_id: str | None = None
+        frame: dict[str, Any] = {}
+        kind: object = None
         try:
             if isinstance(message, bytes):
                 raise InvalidField("frame", "binary frames are not supported; send JSON text")
@@ -99,6 +114,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             error = to_im_error(exc)
             if isinstance(error, InternalError):
                 log.exception("frame from %s failed", self.principal.user_id)
+            if error.status == 403:  # stored before the refusal is reported (SPEC §13)
+                await record_denied(self.services.audit, self.principal, "ws", asked_target(frame, {"channel": kind}))
             self.session.push_frame(encode_frame(error_frame(error, client_msg_id)))
 
     async def _on_send(self, session: ChatSession, frame: dict[str, Any]) -> None:
@@ -110,10 +127,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         session.push_frame(encode_frame({"type": "ack", "clientMsgId": message["clientMsgId"], "message": message}))
 
     async def _on_received(self, session: ChatSession, frame: dict[str, Any]) -> None:
-        await self.services.chat.mark(self.principal, self.principal.user_id, frame, read=False)
+        await self.services.chat.mark(self.principal, self.principal.user_id, frame, read=False, via="ws")
 
     async def _on_read(self, session: ChatSession, frame: dict[str, Any]) -> None:
-        await self.services.chat.mark(self.principal, self.principal.user_id, frame, read=True)
+        await self.services.chat.mark(self.principal, self.principal.user_id, frame, read=True, via="ws")
 
     async def _on_ping(self, session: ChatSession, frame: dict[str, Any]) -> None:
         session.push_frame(encode_frame({"type": "pong"}))

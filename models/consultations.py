@@ -14,6 +14,7 @@ from pymongo import DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from models import validation as v
+from models.audit import AuditRecorder
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef
 from models.database import Database
@@ -28,6 +29,7 @@ from models.errors import (
     PatientIsDoctor,
 )
 from models.messages import Draft, MessageService, recipients_of
+from models.outbox import EventSink, NullSink
 from models.principal import Principal, require_own_user
 from models.throttling import ActionLimiter
 
@@ -59,7 +61,18 @@ def consultation_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ConsultationService:
-    def __init__(self, db: Database, messages: MessageService, directory: UserDirectory, limiter: ActionLimiter):
+    def __init__(
+        self,
+        db: Database,
+        messages: MessageService,
+        directory: UserDirectory,
+        limiter: ActionLimiter,
+        events: EventSink | None = None,  # consultation.started / .ended (SPEC §11)
+        *,
+        audit: AuditRecorder | None = None,  # consultation.started / .ended (SPEC §13; REST only: via "rest")
+    ):
+        self._audit = audit
+        self._events = events or NullSink()
         self._consultations = db.consultations
         self._messages = messages
         self._directory = directory
@@ -106,6 +119,8 @@ class ConsultationService:
         except DuplicateKeyError:  # a parallel start won the pair (the unique open_key index)
             raise self._already_open() from None
         await self._announce(doc, operator, EVENT_STARTED, f"Consultation started by {operator}")
+        await self._record(principal, EVENT_STARTED, doc)
+        await self._events.emit(EVENT_STARTED, {"consultation": consultation_to_wire(doc)})
         return consultation_to_wire(doc)
 
     async def end(self, principal: Principal, consultation_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,6 +138,8 @@ class ConsultationService:
         if ended is None:
             raise ConsultationClosed("consultation is already closed")
         await self._announce(ended, operator, EVENT_ENDED, f"Consultation ended by {operator}")
+        await self._record(principal, EVENT_ENDED, ended)
+        await self._events.emit(EVENT_ENDED, {"consultation": consultation_to_wire(ended)})
         return consultation_to_wire(ended)
 
     async def list_for_user(self, principal: Principal, query: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -159,6 +176,16 @@ class ConsultationService:
         if doc is None:
             raise NotFound(f"consultation {consultation_id!r} does not exist")
         return doc
+
+    async def _record(self, principal: Principal, action: str, consultation: Mapping[str, Any]) -> None:
+        if self._audit is not None:
+            target = {
+                "consultationId": consultation["_id"],
+                "channel": "pm",
+                "user": consultation["patient"],
+                "peer": consultation["doctor"],
+            }
+            await self._audit.record(principal.user_id, principal.role, action, "rest", target)
 
     async def _announce(self, consultation: Mapping[str, Any], operator: str, event: str, content: str) -> None:
         """The event message in the doctor-patient conversation, sent by the system for the operator."""

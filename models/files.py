@@ -26,6 +26,7 @@ from gridfs.errors import NoFile
 from pymongo import WriteConcern
 from tornado.httputil import HTTPFile, HTTPInputError, parse_multipart_form_data
 
+from models.audit import AuditRecorder, record_denied
 from models.database import Database
 from models.errors import InvalidField, NotFound, RangeNotSatisfiable, TooLarge
 from models.groups import has_member
@@ -254,8 +255,10 @@ def parse_byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 class FileStore:
     """Uploads and downloads in GridFS, and the access rules around them (MessageService.files)."""
 
-    def __init__(self, db: Database, write_concern: WriteConcern):
+    def __init__(self, db: Database, write_concern: WriteConcern, *, audit: AuditRecorder | None = None):
         self._db = db
+        # SPEC §13: file.read, and access.denied for the 404 hiding a forbidden file (REST: via "rest").
+        self._audit = audit
         # Journaled like messages: a file id a client received must survive a crash, since a
         # message referencing it may be acknowledged next.
         self._bucket = AsyncGridFSBucket(
@@ -308,7 +311,11 @@ class FileStore:
         metadata = grid_out.metadata or {}
         if not await self._may_read(principal, file_id, metadata):
             await grid_out.close()
+            if self._audit is not None:
+                await record_denied(self._audit, principal, "rest", {"fileId": file_id})
             raise missing
+        if self._audit is not None:
+            await self._audit.record(principal.user_id, principal.role, "file.read", "rest", {"fileId": file_id})
         return FileDownload(
             file_id, metadata.get("mimeType", "application/octet-stream"), int(grid_out.length), grid_out
         )

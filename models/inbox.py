@@ -68,8 +68,9 @@ class Inbox:
 
     async def mark(
         self, user: str, data: Mapping[str, Any], *, read: bool
-    ) -> tuple[ConversationRef, list[str], dict[str, Any]]:
-        """Move the user's received (or read) marker; returns (conversation, others, cursor)."""
+    ) -> tuple[ConversationRef, list[str], dict[str, Any], int]:
+        """Move the user's received (or read) marker; returns (conversation, others, cursor, the
+        marker's value before: the start of the move that marker history records)."""
         seq = v.parse_int(data.get("seq"), "seq")
         ref, others = await self.resolve(user, data)
         summary = await self._conversations.get_summary(ref)
@@ -77,10 +78,19 @@ class Inbox:
             raise NotFound("conversation has no messages yet")
         # Never beyond the newest message: a later message must still count as unread.
         seq = min(seq, summary["lastSeq"])
+        previous = await self._marker_before(user, ref, summary, "read" if read else "received")
         cursor = await self._conversations.move_cursor(user, ref, seq, read=read)
         if read:
             log.info("read marker of %s in %s moved to %d", user, ref.channel, cursor["read"])
-        return ref, others, cursor
+        return ref, others, cursor, previous
+
+    async def _marker_before(self, user: str, ref: ConversationRef, summary: Mapping[str, Any], kind: str) -> int:
+        """A marker's value before a move: the summary's mirror (pm, sm: no extra read), the cursor (gm)."""
+        side = ref.side_of(user)
+        if side is not None:
+            return int(summary.get(f"{kind}{side}", 0))
+        cursors = await self._conversations.get_group_cursors(user, [ref.conv])
+        return int(cursors.get(ref.key, {}).get(kind, 0))
 
     async def list_conversations(
         self, user: str, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None

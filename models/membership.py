@@ -16,12 +16,14 @@ from pymongo import WriteConcern
 from pymongo.errors import BulkWriteError
 
 from models import validation as v
+from models.audit import AuditRecorder
 from models.clock import utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
 from models.errors import Forbidden, GroupBusy, GroupFull, InvalidField, NotAMember
-from models.groups import GroupStore
+from models.groups import GroupStore, group_to_wire
 from models.messages import EVENT_MEMBER_REMOVED, Draft, MessageService, recipients_of
+from models.outbox import EventSink, NullSink
 from models.principal import Principal
 from models.throttling import ActionLimiter
 
@@ -44,7 +46,13 @@ class GroupService:
         markers_write_concern: WriteConcern,
         limiter: ActionLimiter,
         max_members: int,
+        *,
+        audit: AuditRecorder | None = None,
+        events: EventSink | None = None,  # group.created / members_added / member_removed (SPEC §11)
     ):
+        self._events = events or NullSink()
+        # SPEC §13: group.created / members_added / member_removed (REST calls only, so via "rest").
+        self._audit = audit
         self._groups = groups
         self._conversations = conversations
         self._messages = messages
@@ -81,6 +89,7 @@ class GroupService:
         await self._announce(
             group, principal.user_id, EVENT_GROUP_CREATED, members, f"{principal.user_id} created the group {name}"
         )
+        await self._record(principal, EVENT_GROUP_CREATED, group["_id"], None)
         return group
 
     async def read(self, principal: Principal, group_id: str) -> dict[str, Any]:
@@ -121,6 +130,7 @@ class GroupService:
         await self._announce(
             group, principal.user_id, EVENT_MEMBERS_ADDED, added, f"{principal.user_id} added {_names(added)}"
         )
+        await self._record(principal, EVENT_MEMBERS_ADDED, group_id, added[0] if len(added) == 1 else None)
         return group
 
     async def remove_member(self, principal: Principal, group_id: str, member: str) -> dict[str, Any]:
@@ -135,6 +145,7 @@ class GroupService:
             await self._announce(
                 group, principal.user_id, EVENT_MEMBER_REMOVED, [member], f"{principal.user_id} removed {member}"
             )
+            await self._record(principal, EVENT_MEMBER_REMOVED, group_id, member)
         return group
 
     def _check_size(self, size: int) -> None:
@@ -188,6 +199,11 @@ class GroupService:
                 del self._lock_users[group_id]
                 del self._locks[group_id]
 
+    async def _record(self, principal: Principal, action: str, group_id: str, user: str | None) -> None:
+        if self._audit is not None:
+            target = {"channel": "gm", "group": group_id, "user": user}
+            await self._audit.record(principal.user_id, principal.role, action, "rest", target)
+
     async def _announce(
         self, group: dict[str, Any], operator: str, event: str, members: list[str], content: str
     ) -> None:
@@ -204,6 +220,7 @@ class GroupService:
         ref = ConversationRef.gm(group["_id"])
         draft = Draft(ref, fields, recipients_of(ref, fields, group["members"]), None)
         await self._messages.send(draft)
+        await self._events.emit(event, {"group": group_to_wire(group), "members": members, "by": operator})
 
 
 def _names(members: list[str]) -> str:

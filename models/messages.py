@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from models import validation as v
+from models.audit import AuditRecorder, record_messages_read
 from models.batching import ENCODING_ERRORS, BatchedInserts
 from models.clock import iso, utcnow
 from models.conversations import ConversationRef, ConversationStore
@@ -32,6 +33,7 @@ from models.database import Database
 from models.errors import ClientMsgIdReused, DatabaseUnavailable, InvalidBody, InvalidField, NotAMember
 from models.groups import GroupStore
 from models.inflight import InFlight
+from models.outbox import EventSink, NullSink
 from models.principal import Principal, require_own_user
 from models.recent import RecentIds
 
@@ -130,7 +132,14 @@ class MessageService:
         publisher: Publisher,
         files: FileChecker,
         max_content_chars: int,
+        on_stored: Callable[[str], None] | None = None,  # per stored message, its channel (metrics)
+        events: EventSink | None = None,  # message.created, stored before the ack (SPEC §11)
+        *,
+        audit: AuditRecorder | None = None,  # messages.read (SPEC §13; list_messages is REST only)
     ):
+        self._audit = audit
+        self._events = events or NullSink()
+        self._on_stored = on_stored
         self._db = db
         self._collections = {ch: db.get_collection(ch, write_concern=write_concern) for ch in ("sm", "pm", "gm")}
         self._inserts = {ch: BatchedInserts(collection) for ch, collection in self._collections.items()}
@@ -240,6 +249,7 @@ class MessageService:
                     if original is not None:
                         _check_same_request(original, draft)
                         wire = message_to_wire(original)
+                        await self._events.emit("message.created", {"message": wire}, event_id=wire["id"])
                         # A retry: finish what the first attempt may not have (summary,
                         # delivery); both are idempotent and sockets drop what they have.
                         await self._conversations.record_message(ref, original, draft.summary_members)
@@ -255,10 +265,13 @@ class MessageService:
                     raise
                 self._remember_seq(ref.key, seq)
                 self.stored_ids.add(doc["_id"])
+                if self._on_stored is not None:
+                    self._on_stored(ref.channel)
                 await self._conversations.record_message(ref, doc, draft.summary_members)
                 # A group sender's own seq (pm/sm keep theirs in the summary): exact unread counts.
                 await self._conversations.record_own_message(ref, doc, draft.recipients)
                 wire = message_to_wire(doc)
+                await self._events.emit("message.created", {"message": wire}, event_id=wire["id"])  # before publish/ack
                 # Published inside the lock so every socket sees a conversation in seq order.
                 self._publisher.publish_message(ref, wire, draft.recipients, origin)
                 return wire, True
@@ -310,7 +323,14 @@ class MessageService:
     # ---- reading ------------------------------------------------------------------------------
 
     async def list_messages(self, principal: Principal, channel: str, query: Mapping[str, str]) -> dict[str, Any]:
-        """A page of messages, oldest first: {"messages": [...], "next": cursor or None}."""
+        """A page of messages, oldest first: {"messages": [...], "next": cursor or None}; audited
+        (messages.read, one entry per conversation of the page with the seq range returned)."""
+        page = await self._list_messages(principal, channel, query)
+        if self._audit is not None:
+            await record_messages_read(self._audit, principal, channel, query, page["messages"])
+        return page
+
+    async def _list_messages(self, principal: Principal, channel: str, query: Mapping[str, str]) -> dict[str, Any]:
         limit = parse_limit(query.get("limit"))
         created = _created_at_filter(query)
         ref: ConversationRef | None = None

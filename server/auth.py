@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Protocol
 
 import jwt
 
@@ -23,8 +24,14 @@ class TokenLifetimeTooLong(Unauthenticated):
     code = "token_lifetime_too_long"
 
 
-def _decode(token: str | None, secret: str, max_ttl_secs: float) -> tuple[Principal, float]:
-    """Decode and check a JWT: (principal, expiry); Unauthenticated for anything not usable."""
+class AccountCheck(Protocol):
+    """server/accounts.py AccountView: suspended users and revoked tokens (SPEC §17)."""
+
+    def check(self, user_id: str, issued_at: float | None) -> None: ...
+
+
+def _decode(token: str | None, secret: str, max_ttl_secs: float) -> tuple[Principal, float, float | None]:
+    """Decode and check a JWT: (principal, expiry, iat or None); Unauthenticated for anything not usable."""
     if not token:
         raise Unauthenticated("missing token")
     try:
@@ -45,10 +52,11 @@ def _decode(token: str | None, secret: str, max_ttl_secs: float) -> tuple[Princi
         raise Unauthenticated("invalid token: bad role")
     expires_at = float(claims["exp"])
     # PyJWT has checked that iat, when present, is a number and not in the future.
-    issued_at = float(claims["iat"]) if "iat" in claims else time.time()
+    claimed_iat = float(claims["iat"]) if "iat" in claims else None
+    issued_at = claimed_iat if claimed_iat is not None else time.time()
     if expires_at - issued_at > max_ttl_secs:
         raise TokenLifetimeTooLong(f"token lifetime over the {max_ttl_secs:.0f}s maximum (exp - iat)")
-    return Principal(user_id=sub, role=str(role)), expires_at
+    return Principal(user_id=sub, role=str(role)), expires_at, claimed_iat
 
 
 class TokenVerifier:
@@ -58,26 +66,45 @@ class TokenVerifier:
     token instead of once per request takes PyJWT off the hot path. The lifetime cap stays right
     for cached tokens: exp - iat never changes, and without iat exp - now only shrinks, so a token
     accepted once stays within the cap; refusals are never cached.
+
+    The cache never lets a suspended user's or a revoked token through: the account check
+    (an in-memory lookup kept current from the database, server/accounts.py) runs on every call,
+    on cache hits too; only the signature and lifetime checks are cached.
     """
 
-    def __init__(self, secret: str, max_entries: int = TOKEN_CACHE_ENTRIES, max_ttl_secs: float = DEFAULT_MAX_TTL_SECS):
+    def __init__(
+        self,
+        secret: str,
+        max_entries: int = TOKEN_CACHE_ENTRIES,
+        max_ttl_secs: float = DEFAULT_MAX_TTL_SECS,
+        accounts: AccountCheck | None = None,
+    ):
         self._secret = secret
         self._max_ttl_secs = max_ttl_secs
         self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._accounts = accounts
+        self._verified: OrderedDict[str, tuple[Principal, float, float | None]] = OrderedDict()
 
     def verify(self, token: str | None) -> Principal:
-        if token is not None and (hit := self._verified.get(token)) is not None:
-            principal, expires_at = hit
-            if time.time() < expires_at:
-                return principal
+        return self.verify_issued(token)[0]
+
+    def verify_issued(self, token: str | None) -> tuple[Principal, float | None]:
+        """The caller and its token's iat (None without one); Unauthenticated (or a subclass) if refused."""
+        hit = self._verified.get(token) if token is not None else None
+        if hit is not None and time.time() >= hit[1]:
+            assert token is not None
             del self._verified[token]
-        principal, expires_at = _decode(token, self._secret, self._max_ttl_secs)
-        assert token is not None
-        self._verified[token] = (principal, expires_at)
-        if len(self._verified) > self._max_entries:
-            self._verified.popitem(last=False)
-        return principal
+            hit = None
+        if hit is None:
+            hit = _decode(token, self._secret, self._max_ttl_secs)
+            assert token is not None
+            self._verified[token] = hit
+            if len(self._verified) > self._max_entries:
+                self._verified.popitem(last=False)
+        principal, _expires_at, issued_at = hit
+        if self._accounts is not None:
+            self._accounts.check(principal.user_id, issued_at)
+        return principal, issued_at
 
 
 def mint_token(secret: str, sub: str, role: str, ttl_secs: int = DEFAULT_TTL_SECS) -> str:

@@ -3,19 +3,37 @@ handlers/conversations.py) and the WebSocket (handlers/ws.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from models.audit import AuditRecorder
+from models.clock import iso, utcnow
 from models.conversations import ConversationRef
 from models.inbox import Inbox
 from models.messages import MessageService
+from models.outbox import EventSink, NullSink
 from models.principal import Principal
+from models.receipts import MarkerMoves
 from server.hub import Hub
+from server.push import where
 from server.ratelimit import SendRateLimiter
 
 
 class ChatService:
-    def __init__(self, messages: MessageService, inbox: Inbox, hub: Hub, send_limiter: SendRateLimiter) -> None:
+    def __init__(
+        self,
+        messages: MessageService,
+        inbox: Inbox,
+        hub: Hub,
+        send_limiter: SendRateLimiter,
+        audit: AuditRecorder,
+        marker_moves: MarkerMoves,
+        events: EventSink | None = None,  # message.read (SPEC §11)
+    ) -> None:
+        self._events = events or NullSink()
+        self._audit = audit
+        self._marker_moves = marker_moves
         self._messages = messages
         self._inbox = inbox
         self._hub = hub
@@ -33,12 +51,25 @@ class ChatService:
         return await self._messages.send(draft, origin=origin)
 
     async def mark(
-        self, principal: Principal, user: str, data: Mapping[str, Any], *, read: bool
+        self, principal: Principal, user: str, data: Mapping[str, Any], *, read: bool, via: str = "rest"
     ) -> tuple[ConversationRef, dict[str, Any]]:
         """Move user's received (or read) marker: (conversation, cursor). A read sends the other
-        party (other group members) a receipt on their sockets."""
+        party (other group members) a receipt on their sockets. The move and its audit entry are
+        stored (marker history, SPEC §13) before it is reported, here or as a receipt."""
         principal.require_self_or_staff(user, "user_id")
-        ref, others, cursor = await self._inbox.mark(user, data, read=read)
+        ref, others, cursor, previous = await self._inbox.mark(user, data, read=read)
+        kind = "read" if read else "received"
+        target = {"channel": ref.channel, "user": user, "fromSeq": previous, "toSeq": cursor[kind]}
+        if ref.channel == "pm":
+            target["peer"] = others[0]
+        elif ref.channel == "gm":
+            target["group"] = ref.conv
+        await asyncio.gather(
+            self._marker_moves.record_move(user, ref, kind, previous, cursor[kind]),
+            self._audit.record(principal.user_id, principal.role, f"marker.{kind}", via, target),
+        )
         if read:
+            read_event = {"user": user, **where(ref, user), "seq": cursor["read"], "readAt": iso(utcnow())}
+            await self._events.emit("message.read", read_event)  # stored before the move is reported
             self._hub.send_receipt(ref, user, cursor["read"], others)
         return ref, cursor

@@ -98,6 +98,52 @@ class HttpSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: GET /metrics (SPEC §17)."""
+
+    # false: no instrument is observed and /metrics is a 404 (bench/s1_rest_ws.py compares).
+    enabled: bool = True
+    # true: /metrics is open (dev, test); false: it needs an admin token (prod).
+    public: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditSettings:
+    """[audit]: the audit trail (SPEC §13)."""
+
+    # On in every profile; false only for the side-by-side benchmark (bench/s9_audit.py, IM_AUDIT_ENABLED).
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookSettings:
+    """[webhooks]: events for the platform back end (SPEC §11); url empty: off."""
+
+    url: str = ""
+    secret: str = dataclasses.field(default="", repr=False)  # 16+ characters; never in a log line
+    timeout_secs: float = setting(5.0, gt=0)
+    events: tuple[str, ...] = ("*",)  # type names, or "*" for all
+    include_content: bool = True  # false: content, title and summary are left out of every payload
+    max_age_hours: float = setting(24.0, gt=0)  # retried until then, then "failed"
+    retry_max_secs: float = setting(600.0, gt=0)  # the back-off (1 s, 2 s, 4 s …) stops growing here
+
+
+@dataclasses.dataclass(frozen=True)
+class PushSettings:
+    """[push]: push.needed for recipients with no socket (SPEC §12); url empty: the webhook url."""
+
+    url: str = ""
+    coalesce_secs: float = setting(30.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReminderSettings:
+    """[reminders]: message.unread_reminder after a message stays unread that long; 0: off."""
+
+    after_secs: float = setting(0.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting; a dataclass-typed field is a [table] of the profile file (IM_<TABLE>_<KEY>),
     any other field a top-level key (IM_<KEY>). A new table needs only its dataclass and a field."""
@@ -108,6 +154,8 @@ class Settings:
     db_name: str = setting("im", non_empty=True)
     auth_secret: str = dataclasses.field(default="", repr=False)  # never in a log line
     log_level: str = setting("INFO", choices=LOG_LEVELS, normalize=str.upper)
+    # "text": one readable line per record; "json": one JSON object per line (SPEC §17).
+    log_format: str = setting("text", choices=("text", "json"), normalize=str.lower)
     # "*" admits every browser Origin; otherwise exact origins such as "https://clinic.example".
     allowed_origins: tuple[str, ...] = ("*",)
     # How long start-up waits for the database before giving up (supervisord then restarts us).
@@ -124,6 +172,11 @@ class Settings:
     limits: Limits = dataclasses.field(default_factory=Limits)
     websocket: WebSocketSettings = dataclasses.field(default_factory=WebSocketSettings)
     http: HttpSettings = dataclasses.field(default_factory=HttpSettings)
+    webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
+    push: PushSettings = dataclasses.field(default_factory=PushSettings)
+    reminders: ReminderSettings = dataclasses.field(default_factory=ReminderSettings)
+    audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
 
     # The flat names the code used before the tables became dataclasses.
     @property
@@ -290,6 +343,7 @@ def describe(hint: Any) -> str:
 
 def check_settings(settings: Settings) -> None:
     """Rules that tie several settings together."""
+    check_webhooks(settings)
     if not settings.auth_secret:
         raise ConfigError(f"no auth secret for profile {settings.profile!r}: set IM_AUTH_SECRET")
     if len(settings.auth_secret) < MIN_SECRET_CHARS:
@@ -300,3 +354,15 @@ def check_settings(settings: Settings) -> None:
             "invalid [websocket]: ping_timeout_secs must be <= ping_interval_secs "
             "(IM_WEBSOCKET_PING_TIMEOUT_SECS, IM_WEBSOCKET_PING_INTERVAL_SECS)"
         )
+
+
+def check_webhooks(settings: Settings) -> None:
+    """[webhooks] / [push]: http(s) urls, a secret of 16+ characters, and in prod a secret for a url."""
+    webhooks = settings.webhooks
+    for name, url in (("webhooks.url (IM_WEBHOOKS_URL)", webhooks.url), ("push.url (IM_PUSH_URL)", settings.push.url)):
+        if url and not (url.startswith(("http://", "https://")) and len(url) > len("https://")):
+            raise ConfigError(f"invalid {name} {url!r}: must be an http:// or https:// URL")
+    if webhooks.secret and len(webhooks.secret) < MIN_SECRET_CHARS:
+        raise ConfigError(f"invalid webhooks.secret (IM_WEBHOOKS_SECRET): use at least {MIN_SECRET_CHARS} characters")
+    if settings.profile == "prod" and (webhooks.url or settings.push.url) and not webhooks.secret:
+        raise ConfigError("no webhooks.secret for the webhook url in prod: set IM_WEBHOOKS_SECRET")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern, monitoring
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from models.database import Database
@@ -23,10 +24,13 @@ OPERATION_TIMEOUT_MS = 5000
 HEALTH_CHECK_TIMEOUT_SECS = 1.0
 
 
-def create_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
-    """Build the client; it connects lazily on the running loop."""
+def create_client(
+    settings: Settings, listeners: Sequence[monitoring.CommandListener] = ()
+) -> AsyncMongoClient[dict[str, Any]]:
+    """Build the client; it connects lazily on the running loop. `listeners`: metrics (server/metrics.py)."""
     return AsyncMongoClient(
         settings.mongo_uri,
+        event_listeners=list(listeners),
         serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
         timeoutMS=OPERATION_TIMEOUT_MS,
         tz_aware=True,
@@ -127,6 +131,7 @@ async def ensure_indexes(db: Database) -> None:
         ]
     )
     await db.groups.create_indexes([IndexModel([("members", ASCENDING)], name="members")])
+    await ensure_audit_indexes(db)
     await db.consultations.create_indexes(
         [
             IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
@@ -141,5 +146,40 @@ async def ensure_indexes(db: Database) -> None:
                 name="open_key",
                 partialFilterExpression={"openKey": {"$exists": True}},
             ),
+        ]
+    )
+
+
+async def ensure_audit_indexes(db: Database) -> None:
+    """SPEC §13: the audit filters and the marker history (models/audit.py, models/receipts.py).
+
+    Audit ids (and `key`, the same string) sort as time, so each filter is a compound (field, key)
+    index that serves the field, the since/until/cursor range and the newest-first order at once;
+    nx-27017 uses a compound index only when the query names all its fields, and every audit query
+    names key (models/audit.py); it refuses _id inside a compound index, hence key.
+    """
+    await db.audit.create_indexes(
+        [IndexModel([("key", DESCENDING)], name="key")]
+        + [
+            IndexModel([(field, ASCENDING), ("key", DESCENDING)], name=f"{field.replace('.', '_')}_key")
+            for field in ("actor", "action", "target.user", "target.peer", "target.group", "target.channel")
+        ]
+    )
+    # The first move of a user's marker in a conversation that reaches a seq: one index walk.
+    await db.marker_moves.create_indexes(
+        [
+            IndexModel(
+                [("user", ASCENDING), ("conv", ASCENDING), ("kind", ASCENDING), ("to", ASCENDING)],
+                name="user_conv_kind_to",
+            )
+        ]
+    )
+    # A group's membership notices up to a seq (members when a message was sent), per event.
+    await db.gm.create_indexes(
+        [
+            IndexModel(
+                [("conv", ASCENDING), ("event", ASCENDING), ("seq", ASCENDING)],
+                name="membership_notices",  # not partial: nx-27017 would not use a partial one here
+            )
         ]
     )

@@ -137,7 +137,15 @@ async def change_streams_supported(db: Database) -> bool:
 class ChangeStreamFanout:
     """Follows the message collections and delivers other processes' messages to this process's sockets."""
 
-    def __init__(self, db: Database, hub: Hub, groups: GroupStore, local_ids: RecentIds):
+    def __init__(
+        self,
+        db: Database,
+        hub: Hub,
+        groups: GroupStore,
+        local_ids: RecentIds,
+        on_lag: Callable[[str, object], None] | None = None,  # metrics: (collection, createdAt)
+    ):
+        self._on_lag = on_lag
         self._db = db
         self._hub = hub
         self._groups = groups
@@ -195,6 +203,8 @@ class ChangeStreamFanout:
         if isinstance(created, dict) and "$date" in created:
             # nx-27017 hands dates in change events over as extended JSON; MongoDB as datetimes.
             doc["createdAt"] = datetime.datetime.fromisoformat(created["$date"]).replace(tzinfo=datetime.UTC)
+        if self._on_lag is not None:
+            self._on_lag(channel, doc.get("createdAt"))
         ref = ConversationRef(channel, doc["conv"])
         members: list[str] = []
         if channel == "gm":

@@ -57,6 +57,9 @@ class Socket(Protocol):
     @property
     def user_id(self) -> str: ...
 
+    # The `iat` of the token the connection was opened with (None: none), for revokes (SPEC §17).
+    token_issued_at: float | None
+
     def push_message(self, conversation_key: str, seq: int, frame: str) -> None:
         """Queue a message frame unless this socket already has that seq."""
 

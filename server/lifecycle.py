@@ -10,6 +10,7 @@ import sys
 from contextlib import AsyncExitStack
 
 from pymongo.errors import ConnectionFailure, PyMongoError
+from pythonjsonlogger.json import JsonFormatter
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -19,6 +20,7 @@ from server.config import ConfigError, Settings, load_settings
 from server.db import create_client, ensure_indexes, wait_for_database
 from server.fanout import change_streams_supported
 from server.http_guard import make_http_server
+from server.metrics import Metrics
 from server.services import Services, build_services
 
 log = logging.getLogger("im.server")
@@ -30,8 +32,20 @@ LISTEN_BACKLOG = 4096
 INFLIGHT_DRAIN_SECS = 4.0
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Text lines, or with log_format "json" one JSON object per line (SPEC §17): time, level,
+    logger, message, plus the fields a record carries (the access log's method, path, status,
+    duration in seconds). Messages never hold tokens or message content, whichever format."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    if log_format == "json":
+        formatter = JsonFormatter(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",  # ISO 8601 UTC
+            json_ensure_ascii=False,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(formatter)
     # Tornado's own access log would print full URIs (and so /ws?token=...): ours prints paths only.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     logging.getLogger("pymongo").setLevel(logging.WARNING)
@@ -44,7 +58,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:
@@ -67,7 +81,8 @@ async def serve(settings: Settings) -> int:
     log.info("Starting IM server, version %s, running on port %d, %s", __version__, settings.port, now)
     log.info("Configuration profile: %s", settings.profile)
     async with AsyncExitStack() as stack:
-        client = create_client(settings)
+        metrics = Metrics(settings.metrics.enabled)
+        client = create_client(settings, metrics.command_listeners())
         stack.push_async_callback(client.close)
         try:
             await wait_for_database(client, settings.db_startup_timeout_secs)
@@ -81,12 +96,24 @@ async def serve(settings: Settings) -> int:
             )
             return 1
         follow = settings.change_streams == "auto" and await change_streams_supported(client[settings.db_name])
-        services = build_services(settings, client, follow_other_processes=follow)
+        services = build_services(settings, client, follow_other_processes=follow, metrics=metrics)
+        try:
+            await services.accounts.load()  # before serving: no suspended token slips through at start
+        except PyMongoError as exc:
+            log.error("cannot read the accounts (db %s): %s", settings.db_name, exc)
+            return 1
+        if follow:  # the other processes' suspends and revokes (server/accounts.py)
+            services.accounts.start()
+            stack.push_async_callback(services.accounts.stop)
         await services.conversations.upgrade_summaries()  # once: summaries older than issue 13
         services.presence.start_heartbeat()
         if services.fanout is not None:
             services.fanout.start()
             stack.push_async_callback(services.fanout.stop)
+        if services.webhooks is not None:  # SPEC §11: the outbox's dispatcher (stopped before the client closes)
+            await services.webhooks.ensure_indexes()
+            services.webhooks.start()
+            stack.push_async_callback(services.webhooks.stop)
         server = make_http_server(make_app(services), settings)
         server.add_sockets(sockets)
         log.info("serving; database %s ready", settings.db_name)

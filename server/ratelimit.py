@@ -4,6 +4,7 @@ action that posts an event message (consultation start/end, group create, member
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from models.errors import RateLimited
 
@@ -11,7 +12,8 @@ IDLE_BUCKETS_SWEEP = 10_000
 
 
 class SendRateLimiter:
-    def __init__(self, rate_per_sec: float, burst: int):
+    def __init__(self, rate_per_sec: float, burst: int, on_refused: Callable[[], None] | None = None):
+        self._on_refused = on_refused  # metrics: im_rate_limit_refusals_total
         self.rate_per_sec = rate_per_sec
         self.burst = burst
         self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, last refill time)
@@ -23,6 +25,8 @@ class SendRateLimiter:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_sec)
         if tokens < 1.0:
             self._buckets[user_id] = (tokens, now)
+            if self._on_refused is not None:
+                self._on_refused()
             raise RateLimited(
                 f"too many messages (event messages of groups and consultations count too): "
                 f"at most {self.rate_per_sec:g} per second"

@@ -9,6 +9,8 @@ from typing import Any
 
 from pymongo import AsyncMongoClient, WriteConcern
 
+from models.accounts import AccountStore
+from models.audit import AuditLog
 from models.consultations import ConsultationService
 from models.conversations import ConversationStore
 from models.database import Database
@@ -18,14 +20,19 @@ from models.groups import GroupStore
 from models.inbox import Inbox
 from models.membership import GroupService
 from models.messages import MessageService
+from models.outbox import Outbox
 from models.presence import Presence
+from models.receipts import ReceiptService
+from server.accounts import AccountAdmin, AccountView
 from server.auth import TokenVerifier
 from server.chat import ChatService
 from server.config import Settings
 from server.db import message_write_concern
 from server.fanout import ChangeStreamFanout
 from server.hub import Hub
+from server.metrics import Metrics
 from server.ratelimit import SendRateLimiter
+from server.webhooks import Dispatcher, build_events
 
 CONCURRENT_BACKLOGS = 32
 
@@ -50,9 +57,19 @@ class Services:
     tokens: TokenVerifier
     # The send and marker paths REST and WebSocket share.
     chat: ChatService
+    # SPEC §13: the append-only audit log and the marker history behind per-message receipts.
+    audit: AuditLog
+    receipts: ReceiptService
+    # SPEC §17: suspensions and revokes as this process sees them, and the admin calls.
+    accounts: AccountView
+    account_admin: AccountAdmin
+    metrics: Metrics
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
+    # SPEC §11/§12: the durable outbox (admin API) and its dispatcher; None when no url is set.
+    outbox: Outbox | None = None
+    webhooks: Dispatcher | None = None
     # Follows the other processes' messages; None when change streams are off or unavailable.
     fanout: ChangeStreamFanout | None = None
 
@@ -66,22 +83,48 @@ def markers_write_concern(settings: Settings) -> WriteConcern:
 
 
 def build_services(
-    settings: Settings, client: AsyncMongoClient[dict[str, Any]], *, follow_other_processes: bool = False
+    settings: Settings,
+    client: AsyncMongoClient[dict[str, Any]],
+    *,
+    follow_other_processes: bool = False,
+    metrics: Metrics | None = None,
 ) -> Services:
     """Build every shared service; with follow_other_processes, the change-stream fan-out too."""
     db = client[settings.db_name]
     hub = Hub()
+    audit = AuditLog(db, message_write_concern(settings), enabled=settings.audit.enabled)
+    receipts = ReceiptService(db, message_write_concern(settings))
+    metrics = metrics or Metrics(settings.metrics.enabled)
+    metrics.track_connections(lambda: hub.socket_count, lambda: hub.user_count)
+    account_store = AccountStore(db, message_write_concern(settings))
+    accounts = AccountView(account_store, hub)
     presence = Presence(db, hub)
     groups = GroupStore(db)
     conversations = ConversationStore(db, message_write_concern(settings))
-    files = FileStore(db, message_write_concern(settings))
+    files = FileStore(db, message_write_concern(settings), audit=audit)
+    events, outbox, dispatcher = build_events(settings, db, hub, groups, conversations)
     messages = MessageService(
-        db, message_write_concern(settings), conversations, groups, hub, files, settings.limits.max_content_chars
+        db,
+        message_write_concern(settings),
+        conversations,
+        groups,
+        hub,
+        files,
+        settings.limits.max_content_chars,
+        on_stored=metrics.note_stored,
+        audit=audit,
+        events=events,
     )
     # One send budget per caller for messages and for every action that writes one (events).
-    send_limiter = SendRateLimiter(settings.limits.send_rate_per_sec, settings.limits.send_burst)
+    send_limiter = SendRateLimiter(
+        settings.limits.send_rate_per_sec, settings.limits.send_burst, on_refused=metrics.note_rate_limited
+    )
     directory = UserDirectory(db)
-    fanout = ChangeStreamFanout(db, hub, groups, messages.stored_ids) if follow_other_processes else None
+    fanout = (
+        ChangeStreamFanout(db, hub, groups, messages.stored_ids, on_lag=metrics.note_change_stream_lag)
+        if follow_other_processes
+        else None
+    )
     inbox = Inbox(conversations, groups)
     return Services(
         settings=settings,
@@ -101,14 +144,23 @@ def build_services(
             markers_write_concern(settings),
             send_limiter,
             settings.limits.max_group_members,
+            audit=audit,
+            events=events,
         ),
-        consultations=ConsultationService(db, messages, directory, send_limiter),
+        consultations=ConsultationService(db, messages, directory, send_limiter, audit=audit, events=events),
         presence=presence,
         send_limiter=send_limiter,
         directory=directory,
         started_at=time.monotonic(),
-        tokens=TokenVerifier(settings.auth_secret, max_ttl_secs=settings.max_token_ttl_secs),
-        chat=ChatService(messages, inbox, hub, send_limiter),
+        tokens=TokenVerifier(settings.auth_secret, max_ttl_secs=settings.max_token_ttl_secs, accounts=accounts),
+        accounts=accounts,
+        account_admin=AccountAdmin(account_store, accounts, audit=audit, events=events),
+        metrics=metrics,
+        chat=ChatService(messages, inbox, hub, send_limiter, audit, receipts, events=events),
+        audit=audit,
+        receipts=receipts,
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
         fanout=fanout,
+        outbox=outbox,
+        webhooks=dispatcher,
     )

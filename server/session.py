@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import tornado.websocket
@@ -56,8 +57,12 @@ class ChatSession:
         inbox: Inbox,
         backlog_slots: asyncio.Semaphore,
         fanout: ChangeStreamFanout | None = None,
+        token_issued_at: float | None = None,
+        on_backlog_sent: Callable[[int], None] | None = None,  # metrics: messages in the backlog
     ) -> None:
+        self._on_backlog_sent = on_backlog_sent
         self.principal = principal
+        self.token_issued_at = token_issued_at  # closed with 4001 when a revoke covers it
         self._transport = transport
         self._inbox = inbox
         self._backlog_slots = backlog_slots
@@ -130,6 +135,8 @@ class ChatSession:
         held, self._held = self._held, None
         for key, seq, frame in held or ():
             self._delivery.offer(key, seq, frame)
+        if self._on_backlog_sent is not None:
+            self._on_backlog_sent(sent)
         if sent:
             log.info("sent a backlog of %d messages to %s", sent, self.user_id)
 

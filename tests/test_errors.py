@@ -63,6 +63,10 @@ PINNED_CODES = {
     "InternalError": "internal_error",
     "HTTPStatusError": "internal_server_error",
     "DatabaseUnavailable": "database_unavailable",
+    "AccountSuspended": "account_suspended",  # SPEC §17
+    "EventNotFound": "event_not_found",  # SPEC §11 admin retry
+    "EventNotFailed": "event_not_failed",
+    "TokenRevoked": "token_revoked",  # SPEC §17
 }
 
 
