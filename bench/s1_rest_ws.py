@@ -23,7 +23,10 @@ from bench.harness import CpuMeter, Stack, latency_figures, token, ws_connect_kw
 class Receivers:
     """R patient sockets; records the first receipt time of each clientMsgId, counts duplicates."""
 
-    def __init__(self) -> None:
+    def __init__(self, mark_received: bool = False) -> None:
+        # mark_received: answer each message with a `received` frame, as the SDK does (marker moves,
+        # and so audit entries and marker history, per message).
+        self.mark_received = mark_received
         self.received: dict[str, float] = {}
         self.duplicates = 0
         self.other_frames = 0
@@ -55,6 +58,13 @@ class Receivers:
                 else:
                     self.received[cid] = now
                     self.progress.set()
+                if self.mark_received:
+                    message = frame["message"]
+                    await conn.send(
+                        json.dumps(
+                            {"type": "received", "channel": "pm", "peer": message["from"], "seq": message["seq"]}
+                        )
+                    )
         except Exception:
             pass
 
@@ -153,10 +163,11 @@ async def scenario(
     messages: int = 3000,
     concurrency: int = 64,
     warmup: int = 300,
+    mark_received: bool = False,
 ) -> list[dict[str, Any]]:
     doctor_ids = [f"s1-doc-{i}" for i in range(doctors)]
     patient_ids = [f"s1-pat-{i}" for i in range(patients)]
-    receivers = Receivers()
+    receivers = Receivers(mark_received)
     await receivers.open(stack.ws_url, patient_ids)
     stack.wait_sockets(patients)
     results = []
@@ -184,8 +195,14 @@ def main() -> None:
     parser.add_argument(
         "--metrics", choices=("on", "off"), default="on", help="[metrics] enabled (SPEC §17 cost, side by side)"
     )
+    parser.add_argument("--audit", choices=("on", "off"), default="on", help="[audit] enabled (SPEC §13 cost)")
+    parser.add_argument("--mark-received", action="store_true", help="receivers send `received` like the SDK")
     args = parser.parse_args()
-    with Stack("s1", server_env={"IM_METRICS_ENABLED": "true" if args.metrics == "on" else "false"}) as stack:
+    env = {
+        "IM_METRICS_ENABLED": "true" if args.metrics == "on" else "false",
+        "IM_AUDIT_ENABLED": "true" if args.audit == "on" else "false",
+    }
+    with Stack("s1", server_env=env) as stack:
         asyncio.run(
             scenario(
                 stack,
@@ -194,6 +211,7 @@ def main() -> None:
                 patients=args.patients,
                 messages=args.messages,
                 concurrency=args.concurrency,
+                mark_received=args.mark_received,
             )
         )
 

@@ -166,8 +166,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--audit", choices=("on", "off"), default="on", help="[audit] enabled (SPEC §13 cost)")
     args = parser.parse_args()
-    with Stack("s2") as stack:
+    with Stack("s2", server_env={"IM_AUDIT_ENABLED": "true" if args.audit == "on" else "false"}) as stack:
         asyncio.run(scenario(stack, args.repeats, patients=args.patients, messages=args.messages, window=args.window))
 
 

@@ -12,8 +12,9 @@ Storage: `_id` (and `key`, the same string) is the entry's time (`time_key`: UTC
 followed by an ObjectId, so ids sort as time: newest-first paging, `since`/`until` and the cursor
 are all one `key` range, exact to the millisecond on nx-27017 too. Each filter field has a
 compound index with `key` (server/db.py; nx-27017 refuses `_id` in one), which nx-27017 uses
-because every query names both fields. `user` (entries whose target concerns a user: its `user`
-or its `peer`) is two such queries merged, never an `$or` (which nx-27017 answers by scanning).
+because every query names both fields and asks the field with `$eq` (a bare value it cannot
+index). `user` (entries whose target concerns a user: its `user` or its `peer`) is two such
+queries merged, never an `$or` (which nx-27017 answers by scanning).
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ class AuditLog:
 
 def _with(filter_: dict[str, Any], field: str, value: str) -> dict[str, Any] | None:
     """filter_ plus field == value; None when filter_ already asks field for another value."""
-    if field in filter_ and filter_[field] != value:
+    if field in filter_ and filter_[field] != {"$eq": value}:
         return None
-    return {**filter_, field: value}
+    return {**filter_, field: {"$eq": value}}
 
 
 def _query_target(params: Mapping[str, str]) -> dict[str, Any]:
@@ -237,14 +238,18 @@ def parse_query(params: Mapping[str, str]) -> tuple[dict[str, Any], str | None, 
     for name in params:
         if name not in QUERY_PARAMS:
             raise InvalidField(name, f"is not a filter of the audit trail (use {', '.join(sorted(QUERY_PARAMS))})")
-    filter_: dict[str, Any] = {}
+    wanted: dict[str, str] = {}
     for name, field in FILTER_FIELDS.items():
         if name in params:
-            filter_[field] = v.check_id(params[name], name)  # a string, never "$..." (no operator injection)
-    if "action" in filter_ and filter_["action"] not in ACTIONS:
+            wanted[field] = v.check_id(params[name], name)  # a string, never "$..." (no operator injection)
+    if "action" in wanted and wanted["action"] not in ACTIONS:
         raise InvalidField("action", f"must be one of {', '.join(sorted(ACTIONS))}")
-    if filter_.get("target.channel", "pm") not in ("sm", "pm", "gm"):
+    if wanted.get("target.channel", "pm") not in ("sm", "pm", "gm"):
         raise InvalidField("channel", "must be one of sm, pm, gm")
+    # {"$eq": value}, not a bare value: nx-27017 compiles a bare equality to an array-aware
+    # subquery that no index serves (so it walked the whole `key` range); $eq uses (field, key).
+    # The same match on MongoDB. bench/s9_audit.py checks the plan with explain.
+    filter_: dict[str, Any] = {field: {"$eq": value} for field, value in wanted.items()}
     user = v.check_id(params["user"], "user") if "user" in params else None
     # Always a key bound: nx-27017 uses a compound (field, key) index only when both are named.
     id_range: dict[str, str] = {"$gte": "e"}

@@ -4,7 +4,8 @@ Receipts are cursors, not rows (LESSONS 4): nothing is written per member per me
 every move of a user's received or read marker is recorded — `{user, conv (the conversation key),
 kind, from, to, at}` in `marker_moves`, journaled and batched — and a message's receipt for a user
 is the first move whose range reaches the message's seq. Markers never go back, so that first
-move is the one with the smallest `to` ≥ seq: one index walk (server/db.py `user_conv_kind_to`).
+move is the one with the smallest `to` ≥ seq: one index walk (server/db.py `user_conv_kind_to`; the
+equalities are `$eq`, which nx-27017 serves from the index, where bare values made it scan).
 A read marker also raises the received marker, so a read move counts for `receivedAt` as well.
 
 Group recipients are the members when the message was sent, replayed from the group's membership
@@ -54,7 +55,8 @@ class ReceiptService:
     async def _first_reaching(self, user: str, key: str, seq: int, kinds: tuple[str, ...]) -> datetime.datetime | None:
         found: list[datetime.datetime] = []
         for kind in kinds:
-            query = {"user": user, "conv": key, "kind": kind, "to": {"$gte": seq}}
+            # $eq, not bare values: nx-27017 scans the collection for those, walks the index for these.
+            query = {"user": {"$eq": user}, "conv": {"$eq": key}, "kind": {"$eq": kind}, "to": {"$gte": seq}}
             doc = await self._moves.find_one(query, sort=[("to", ASCENDING)])
             if doc is not None:
                 at = doc["at"]
@@ -104,7 +106,7 @@ class ReceiptService:
         """
         notices: list[dict[str, Any]] = []
         for event in MEMBERSHIP_EVENTS:
-            query = {"conv": group, "event": event, "seq": {"$lte": seq}}
+            query = {"conv": {"$eq": group}, "event": {"$eq": event}, "seq": {"$lte": seq}}  # $eq: as above
             notices += await self._db.gm.find(query, {"event": 1, "members": 1, "seq": 1}).to_list()
         members: list[str] = []
         for notice in sorted(notices, key=lambda n: n["seq"]):

@@ -15,7 +15,8 @@
  *   - reconnects with exponential back-off and jitter (one function for every wait), asks the
  *     optional `getToken` hook for a fresh token before every attempt, and stops (error
  *     `unauthenticated`) when the server refuses the token;
- *   - `history()` pages a conversation's stored messages over REST, newest page first.
+ *   - `history()` pages a conversation's stored messages over REST, newest page first;
+ *     `receipts(message)` says when each recipient received and read one of them.
  *
  * The connection has one state, `client.state`: "idle" (never started), "connecting" (a handshake
  * or a back-off wait), "open", "closed" (close() or a refused token); every change emits
@@ -910,12 +911,36 @@
     });
   };
 
+  // ---- receipts (REST) ------------------------------------------------------------------------
+
+  /**
+   * When each recipient received and read one stored message (SPEC §13; the message's sender,
+   * service or admin): receipts(message) with a stored message ({channel, id}), or
+   * receipts(channel, id). Resolves with {message, receipts: [{user, receivedAt, readAt}]}
+   * (ISO 8601 times, null while not yet); rejects with an IMError (403 for someone else's message).
+   */
+  proto.receipts = function (messageOrChannel, id) {
+    var channel = messageOrChannel;
+    if (messageOrChannel && typeof messageOrChannel === "object") {
+      channel = messageOrChannel.channel;
+      id = messageOrChannel.id;
+    }
+    if (channel !== "sm" && channel !== "pm" && channel !== "gm") {
+      return Promise.reject(new TypeError("receipts: channel must be sm, pm or gm"));
+    }
+    if (typeof id !== "string" || !id) return Promise.reject(new TypeError("receipts: a stored message's id is needed"));
+    var path = "/api/v1/chats/" + channel + "/" + encodeURIComponent(id) + "/receipts";
+    return this._restGet(path, true).then(function (body) {
+      return { message: body && body.message, receipts: body && Array.isArray(body.receipts) ? body.receipts : [] };
+    });
+  };
+
   /** GET path as this client's user: the JSON body, or an IMError; a 401 asks getToken once. */
   proto._restGet = function (path, mayRefresh) {
     var self = this;
     var fetchFn = root && root.fetch;
     if (typeof fetchFn !== "function") {
-      return Promise.reject(IMError("unsupported", "history needs fetch (a browser, or Node 18+)"));
+      return Promise.reject(IMError("unsupported", "REST (history, receipts) needs fetch (a browser, or Node 18+)"));
     }
     var ready = this.token ? Promise.resolve(this.token) : this._freshToken();
     return ready.then(function () {

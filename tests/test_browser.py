@@ -900,3 +900,94 @@ def test_landing_page_leads_to_the_demos_on_a_phone(server: BrowserServer, pages
     pw_expect(page.locator("#login")).to_be_visible()
     assert not pages.console_errors, pages.console_errors  # a CSP violation would show here
     assert not pages.errors, pages.errors
+
+
+@pytest.mark.parametrize("size", ["phone", "desktop"])
+def test_doctor_console_shows_when_the_patient_received_and_read(
+    server: BrowserServer, pages: Pages, size: str
+) -> None:
+    touch = size == "phone"
+    doctor_id, patient_id = f"DrZhao-{size}", f"Ling-{size}"
+    doctor = pages.open(
+        "doctor",
+        server.page_url("doctor.html", server.token(doctor_id, "doctor"), peer=patient_id),
+        device=DEVICES[size],
+    )
+    asked: list[str] = []
+    doctor.on("request", lambda r: asked.append(r.url) if r.url.endswith("/receipts") else None)
+    missing: list[str] = []
+    doctor.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    wait_online(doctor)
+    texts = ["第一条", "第二条", "第三条", "请明早空腹抽血"]
+    for text in texts:
+        doctor.locator("#input").fill(text)
+        press(doctor, "#send", touch)
+        wait_for_text(doctor, text)
+    # The patient is not connected: sent, not received. Only the last three carry a line.
+    lines = doctor.locator("#thread .msg.mine .receipt-times")
+    pw_expect(lines).to_have_text(["Not received yet"] * 3)
+    pw_expect(doctor.locator("#thread .msg.mine").first.locator(".receipt-times")).to_have_count(0)
+
+    patient = pages.open(
+        "patient",
+        server.page_url("patient.html", server.token(patient_id, "patient"), peer=doctor_id),
+        device=DEVICES[size],
+    )
+    wait_online(patient)
+    wait_for_text(patient, "请明早空腹抽血")  # the thread is open: received, then read at once
+    pw_expect(lines.last).to_have_text(re.compile(r"^Received .+ · Read .+$"))
+    pw_expect(lines).to_have_text([re.compile(r"^Received .+ · Read .+$")] * 3)
+
+    # The times are the recorded ones (GET .../receipts as the sender), as the page formats them.
+    last_id = doctor.locator("#thread .msg.mine").last.get_attribute("data-id")
+    status, body = server.call("GET", f"/api/v1/chats/pm/{last_id}/receipts", as_=(doctor_id, "doctor"))
+    assert status == 200, body
+    [receipt] = body["receipts"]
+    assert receipt["user"] == patient_id and receipt["receivedAt"] <= receipt["readAt"]
+    shown = doctor.evaluate(
+        "(r) => 'Received ' + IMDemo.formatTime(r.receivedAt) + ' · Read ' + IMDemo.formatTime(r.readAt)", receipt
+    )
+    pw_expect(lines.last).to_have_text(shown)
+    pw_expect(lines.last).to_have_class(re.compile(r"\bread\b"))
+    # Cheap: a few messages per refresh, and complete receipts are not asked for again.
+    count = len(asked)
+    assert count <= 3 * (len(texts) + 3), asked
+    server.send_pm(patient_id, doctor_id, "好的", role="patient")  # a refresh: nothing left to ask
+    wait_for_text(doctor, "好的")
+    doctor.wait_for_timeout(600)
+    assert len(asked) == count, asked[count:]
+    assert_no_sideways_scroll(doctor)
+    save_screenshot(doctor, f"receipts-{size}-doctor")
+    assert not pages.errors, pages.errors
+    assert not missing, missing  # no receipts request went astray
+    # No CSP violation (the page's own loading 404s something before `missing` listens: not ours).
+    assert not [e for e in pages.console_errors if "Failed to load resource" not in e], pages.console_errors
+
+
+def test_sdk_receipts_of_a_message(server: BrowserServer, pages: Pages) -> None:
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, doctorToken, patientToken}) => {
+        const doctor = new IMClient({url, token: doctorToken});
+        const other = new IMClient({url, token: patientToken});
+        await doctor.connect();
+        const sent = await doctor.sendP2P('RcptPatient', 'bring the report');
+        const before = await doctor.receipts(sent);
+        const refused = await other.receipts('pm', sent.id).then(() => null, (e) => [e.code, e.status]);
+        const bad = await doctor.receipts({channel: 'xx', id: 'a'}).then(() => null, (e) => e.name);
+        doctor.close();
+        return {id: sent.id, before, refused, bad};
+    }""",
+        {
+            "url": server.origin,
+            "doctorToken": server.token("RcptDoctor", "doctor"),
+            "patientToken": server.token("RcptOther", "patient"),
+        },
+    )
+    assert result["before"] == {
+        "message": result["id"],
+        "receipts": [{"user": "RcptPatient", "receivedAt": None, "readAt": None}],
+    }
+    assert result["refused"] == ["forbidden", 403]
+    assert result["bad"] == "TypeError"

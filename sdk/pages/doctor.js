@@ -1,6 +1,8 @@
 /*
  * The doctor console: conversations with unread counts, one thread at a time, replies, and
  * consultation start/end. Live traffic through the SDK; lists, history and consultations by REST.
+ * Under each of the last few messages the doctor sent: when the patient received and read it
+ * (the SDK's receipts(), SPEC §13), fetched when they are shown and again on a live receipt.
  */
 (function () {
   "use strict";
@@ -24,7 +26,10 @@
   var reads = D.readMarker(client, { channel: "pm", peer: function () { return active; } }, thread);
   var pager = new D.HistoryPager(client, thread, $("older"), function (page, older, error) {
     if (error) D.showBanner($("banner"), "Could not load earlier messages: " + error.message, true);
-    else reads.schedule();
+    else {
+      reads.schedule();
+      receipts.schedule();
+    }
   });
   window.imDemo = { client: client, thread: thread, session: session, conversations: conversations, pager: pager };
 
@@ -139,6 +144,67 @@
 
   $("back").addEventListener("click", closeConversation);
 
+  // ---- received / read times of my last messages (REST; SPEC §13) -----------------------------
+
+  /**
+   * A line under each of the last RECEIPT_LAST messages the doctor sent in the open thread
+   * ("Received 10:02 · Read 10:05"; older messages keep theirs once complete). Cheap on purpose:
+   * one debounced refresh at a time, only those few messages, and a message whose receipt is
+   * complete (received and read) is never asked again.
+   */
+  var RECEIPT_LAST = 3;
+  var receipts = {
+    done: new Map(),    // message id -> its complete receipt {user, receivedAt, readAt}
+    timer: null,
+    schedule: function () {
+      if (receipts.timer) return;
+      receipts.timer = setTimeout(function () {
+        receipts.timer = null;
+        receipts.refresh();
+      }, 300);
+    },
+    refresh: function () {
+      var peer = active;
+      if (!peer) return;
+      var mine = Array.prototype.slice.call($("thread").querySelectorAll(".msg.mine[data-id]:not(.system)"));
+      var last = mine.slice(-RECEIPT_LAST);
+      // An older message keeps its line only when it is complete (final); a partial one would go stale.
+      mine.slice(0, -RECEIPT_LAST).forEach(function (li) {
+        var line = li.querySelector(".receipt-times");
+        if (line && !receipts.done.has(li.dataset.id)) line.remove();
+      });
+      last.forEach(function (li) {
+        var id = li.dataset.id;
+        var known = receipts.done.get(id);
+        if (known) {
+          showReceipt(li, known);
+          return;
+        }
+        client.receipts({ channel: "pm", id: id }).then(function (body) {
+          var r = body.receipts.filter(function (x) { return x.user === peer; })[0];
+          if (!r) return;
+          if (r.receivedAt && r.readAt) receipts.done.set(id, r);
+          var shown = active === peer ? thread.byId.get(id) : null;
+          if (shown) showReceipt(shown, r);
+        }, function () { /* no line: e.g. an older server without receipts; asked again next time */ });
+      });
+    }
+  };
+
+  function showReceipt(li, r) {
+    var line = li.querySelector(".receipt-times");
+    if (!line) {
+      line = D.el("div", "receipt-times");
+      li.appendChild(line);
+    }
+    var parts = [r.receivedAt ? "Received " + D.formatTime(r.receivedAt) : "Not received yet"];
+    if (r.readAt) parts.push("Read " + D.formatTime(r.readAt));
+    line.textContent = parts.join(" · ");
+    line.classList.toggle("read", !!r.readAt);
+    if (r.receivedAt) line.title = "Received " + new Date(r.receivedAt).toLocaleString() +
+      (r.readAt ? "\nRead " + new Date(r.readAt).toLocaleString() : "");
+  }
+
   // ---- consultations (REST; SPEC §6) ------------------------------------------------------------
 
   function remember(consultation) {
@@ -215,14 +281,20 @@
       var unread = (conv ? conv.unread : 0) + (m.from !== me && !visible && !m.event && !counted ? 1 : 0);
       upsertConversation(peer, m, unread);
       if (peer === active && thread.add(m)) reads.schedule();
+      // The patient is writing, so its app has received what came before: refresh the times.
+      if (peer === active && m.from === peer) receipts.schedule();
     });
   });
   client.on("receipt", function (r) {
     if (r.channel === "pm") notePeerRead(r.user, r.seq);
+    if (r.channel === "pm" && r.user === active) receipts.schedule();
   });
   client.on("connected", function (info) {
     D.showBanner($("banner"), "");
-    if (info.reconnected) loadConversations();  // unread counts may have moved while away
+    if (info.reconnected) {
+      loadConversations();  // unread counts may have moved while away
+      receipts.schedule();  // and so may the patient's received / read times
+    }
   });
 
   D.bindComposer($("composer"), $("input"), function (text) {
@@ -232,7 +304,10 @@
     thread.addPending(clientMsgId, text);
     client.sendP2P(to, text, { clientMsgId: clientMsgId }).then(function (message) {
       upsertConversation(to, message);
-      if (active === to) thread.confirm(clientMsgId, message);
+      if (active === to) {
+        thread.confirm(clientMsgId, message);
+        receipts.schedule();
+      }
     }, function (error) {
       if (active === to) thread.fail(clientMsgId, error);
     });
