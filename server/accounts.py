@@ -19,18 +19,10 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from pymongo.errors import PyMongoError
-
 from models.accounts import NO_STATE, AccountState, AccountStore, account_to_wire, parse_reason, state_of
 from models.errors import Forbidden
 from models.principal import Principal
-from server.fanout import (
-    QUIET_POLL_MAX_SECS,
-    RETRY_BACKOFF_MAX_SECS,
-    SERVER_AWAIT_MS,
-    SERVER_AWAITED_SECS,
-    PollPacer,
-)
+from server.fanout import QUIET_POLL_MAX_SECS, PollPacer, follow_collection
 from server.hub import Hub, Socket
 
 log = logging.getLogger(__name__)
@@ -110,39 +102,19 @@ class AccountView:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _follow(self) -> None:
-        """Follow `accounts` forever; after an interruption, resume from the last token processed."""
-        resume_token: Any = None
-        backoff = 0.1
-        pacer = PollPacer(max_secs=ACCOUNTS_QUIET_POLL_MAX_SECS)
-        collection = self._store.collection
-        while not self._stopping:
-            try:
-                async with await collection.watch(
-                    resume_after=resume_token, max_await_time_ms=SERVER_AWAIT_MS
-                ) as stream:
-                    if resume_token is None:
-                        await self.load()  # after the stream opened: nothing falls in between
-                    backoff = 0.1
-                    while not self._stopping:
-                        asked = time.monotonic()
-                        change = await stream.try_next()
-                        if change is None:
-                            if time.monotonic() - asked < SERVER_AWAITED_SECS:
-                                await asyncio.sleep(pacer.next_wait())
-                            continue
-                        pacer.note_change()
-                        user_id = (change.get("documentKey") or {}).get("_id")
-                        if isinstance(user_id, str):
-                            self.apply(user_id, await self._store.find(user_id))
-                        resume_token = change["_id"]
-            except asyncio.CancelledError:
-                raise
-            except PyMongoError as exc:
-                log.warning("change stream on accounts interrupted (%s); resuming in %.1fs", exc, backoff)
-            except Exception:
-                log.exception("change stream on accounts failed; resuming in %.1fs", backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_SECS)
+        """Follow `accounts` forever; the first stream's opening loads every account."""
+        await follow_collection(
+            self._store.collection,
+            self._on_change,
+            stopping=lambda: self._stopping,
+            pacer=PollPacer(max_secs=ACCOUNTS_QUIET_POLL_MAX_SECS),
+            on_open=self.load,
+        )
+
+    async def _on_change(self, change: dict[str, Any]) -> None:
+        user_id = (change.get("documentKey") or {}).get("_id")
+        if isinstance(user_id, str):
+            self.apply(user_id, await self._store.find(user_id))
 
 
 class AccountAdmin:

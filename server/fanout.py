@@ -19,9 +19,10 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 
 from models.conversations import ConversationRef
@@ -134,6 +135,51 @@ async def change_streams_supported(db: Database) -> bool:
         return False
 
 
+async def follow_collection(
+    collection: AsyncCollection[dict[str, Any]],
+    on_change: Callable[[dict[str, Any]], Awaitable[None]],
+    *,
+    stopping: Callable[[], bool],
+    pipeline: list[dict[str, Any]] | None = None,
+    pacer: PollPacer | None = None,
+    on_open: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Follow a collection's change stream until stopping(), resuming after errors from the last
+    token processed. The server waits for changes where it can (MongoDB); where it answers at once
+    (nx-27017) the pacer spaces the polls. on_open runs when a stream first opens (after it opened,
+    so nothing falls in between a load and the stream)."""
+    resume_token: Any = None
+    backoff = 0.1
+    pacer = pacer or PollPacer()
+    name = collection.name
+    while not stopping():
+        try:
+            async with await collection.watch(
+                pipeline or [], resume_after=resume_token, max_await_time_ms=SERVER_AWAIT_MS
+            ) as stream:
+                if resume_token is None and on_open is not None:
+                    await on_open()
+                backoff = 0.1
+                while not stopping():
+                    asked = time.monotonic()
+                    change = await stream.try_next()
+                    if change is None:
+                        if time.monotonic() - asked < SERVER_AWAITED_SECS:
+                            await asyncio.sleep(pacer.next_wait())
+                        continue
+                    pacer.note_change()
+                    await on_change(change)
+                    resume_token = change["_id"]
+        except asyncio.CancelledError:
+            raise
+        except PyMongoError as exc:
+            log.warning("change stream on %s interrupted (%s); resuming in %.1fs", name, exc, backoff)
+        except Exception:
+            log.exception("change stream on %s failed; resuming in %.1fs", name, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, RETRY_BACKOFF_MAX_SECS)
+
+
 class ChangeStreamFanout:
     """Follows the message collections and delivers other processes' messages to this process's sockets."""
 
@@ -166,35 +212,13 @@ class ChangeStreamFanout:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _follow(self, collection: str) -> None:
-        """Follow one collection forever, resuming after errors from the last token processed."""
-        resume_token: Any = None
-        backoff = 0.1
-        pacer = PollPacer()
-        pipeline = [{"$match": {"operationType": "insert"}}]
-        while not self._stopping:
-            try:
-                async with await self._db[collection].watch(
-                    pipeline, resume_after=resume_token, max_await_time_ms=SERVER_AWAIT_MS
-                ) as stream:
-                    backoff = 0.1
-                    while not self._stopping:
-                        asked = time.monotonic()
-                        change = await stream.try_next()
-                        if change is None:
-                            if time.monotonic() - asked < SERVER_AWAITED_SECS:
-                                await asyncio.sleep(pacer.next_wait())
-                            continue
-                        pacer.note_change()
-                        await self._deliver(collection, change.get("fullDocument"))
-                        resume_token = change["_id"]
-            except asyncio.CancelledError:
-                raise
-            except PyMongoError as exc:
-                log.warning("change stream on %s interrupted (%s); resuming in %.1fs", collection, exc, backoff)
-            except Exception:
-                log.exception("change stream on %s failed; resuming in %.1fs", collection, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_SECS)
+        """Follow one message collection forever, delivering what other processes insert."""
+        await follow_collection(
+            self._db[collection],
+            lambda change: self._deliver(collection, change.get("fullDocument")),
+            stopping=lambda: self._stopping,
+            pipeline=[{"$match": {"operationType": "insert"}}],
+        )
 
     async def _deliver(self, channel: str, doc: dict[str, Any] | None) -> None:
         if not doc or doc.get("_id") in self._local_ids or "seq" not in doc:
