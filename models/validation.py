@@ -6,6 +6,7 @@ in an operator: ids are plain strings that cannot start with "$", numbers are re
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import unicodedata
@@ -214,3 +215,25 @@ def parse_client_msg_id(data: Mapping[str, Any]) -> str | None:
     if has_surrogates(value):
         raise InvalidField("clientMsgId", "must be valid Unicode text (it holds an unpaired surrogate)")
     return value
+
+
+ISO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\d[T ][0-9:.,]+(Z|z|[+-][0-9:]+)")
+MAX_TIME_CHARS = 40  # the longest ISO 8601 form with microseconds and an offset
+
+
+def parse_iso_time(raw: str, field: str) -> datetime.datetime:
+    """ISO 8601 with an offset (Z, +08:00, -0500), as UTC; 400 naming the field otherwise."""
+    # An unencoded "+08:00" reaches us as " 08:00" (form decoding turns + into a space).
+    text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw)
+    moment: datetime.datetime | None = None
+    if len(text) <= MAX_TIME_CHARS and ISO_TIME_RE.fullmatch(text):
+        try:
+            moment = datetime.datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidField(field, "must be an ISO 8601 date and time with an offset, e.g. 2026-11-28T14:00:00+08:00")
+    try:
+        return moment.astimezone(datetime.UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 has no UTC year
+        raise InvalidField(field, "is out of range") from None
