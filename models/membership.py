@@ -7,9 +7,7 @@ current seq, so connecting does not replay the whole history as new messages.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from pymongo import WriteConcern
@@ -22,6 +20,7 @@ from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
 from models.errors import Forbidden, GroupBusy, GroupFull, InvalidField, NotAMember
 from models.groups import GroupStore, group_to_wire
+from models.keyed_locks import KeyedLocks
 from models.messages import EVENT_MEMBER_REMOVED, Draft, MessageService, recipients_of
 from models.outbox import EventSink, NullSink
 from models.principal import Principal
@@ -62,8 +61,7 @@ class GroupService:
         self._cursors = db.get_collection("cursors", write_concern=markers_write_concern)
         self._limiter = limiter
         self._max_members = max_members
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lock_users: dict[str, int] = {}
+        self._group_locks = KeyedLocks()
 
     async def create(self, principal: Principal, data: Mapping[str, Any]) -> dict[str, Any]:
         if not principal.is_staff and principal.role != "doctor":
@@ -109,7 +107,7 @@ class GroupService:
         self._groups.check_manage(await self._groups.get(group_id), principal)
         self._limiter.check(principal.user_id)
         ref = ConversationRef.gm(group_id)
-        async with self._group_lock(group_id):
+        async with self._group_locks.hold(group_id):
             # The join point is read before the membership: a message sent to someone already a
             # member always has a seq above it, so the markers below never skip one of theirs.
             summary = await self._conversations.get_summary(ref)
@@ -182,22 +180,6 @@ class GroupService:
                 {"user": {"$in": list(existing)}, **conversation},
                 {"$max": {"received": seq, "read": seq}, "$set": {"readAt": now}},
             )
-
-    @asynccontextmanager
-    async def _group_lock(self, group_id: str) -> AsyncIterator[None]:
-        """Serialise membership adds per group in this process (others are caught by the rev guard)."""
-        lock = self._locks.get(group_id)
-        if lock is None:
-            lock = self._locks[group_id] = asyncio.Lock()
-        self._lock_users[group_id] = self._lock_users.get(group_id, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[group_id] -= 1
-            if not self._lock_users[group_id]:
-                del self._lock_users[group_id]
-                del self._locks[group_id]
 
     async def _record(self, principal: Principal, action: str, group_id: str, user: str | None) -> None:
         if self._audit is not None:

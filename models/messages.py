@@ -9,15 +9,13 @@ into a hole).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -33,6 +31,7 @@ from models.database import Database
 from models.errors import ClientMsgIdReused, DatabaseUnavailable, InvalidBody, InvalidField, NotAMember
 from models.groups import GroupStore
 from models.inflight import InFlight
+from models.keyed_locks import KeyedLocks
 from models.outbox import EventSink, NullSink
 from models.principal import Principal, require_own_user
 from models.recent import RecentIds
@@ -146,8 +145,7 @@ class MessageService:
         self._groups = groups
         self._publisher = publisher
         self._max_content_chars = max_content_chars
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lock_users: dict[str, int] = {}
+        self._conversation_locks = KeyedLocks()
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self._files = files
         self.inflight = InFlight()
@@ -236,7 +234,7 @@ class MessageService:
         ref = draft.ref
         inserts = self._inserts[ref.channel]
         self._check_database()
-        async with self._conversation_lock(ref.key):
+        async with self._conversation_locks.hold(ref.key):
             self._check_database()
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
@@ -302,22 +300,6 @@ class MessageService:
         self._last_seq.move_to_end(key)
         if len(self._last_seq) > SEQ_CACHE_SIZE:
             self._last_seq.popitem(last=False)
-
-    @asynccontextmanager
-    async def _conversation_lock(self, key: str) -> AsyncIterator[None]:
-        """Serialise sends per conversation in this process; dropped when nobody waits."""
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        self._lock_users[key] = self._lock_users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[key] -= 1
-            if not self._lock_users[key]:
-                del self._lock_users[key]
-                del self._locks[key]
 
     # ---- reading ------------------------------------------------------------------------------
 
