@@ -10,10 +10,11 @@ Document: `_id` (the event id: an ObjectId string; for message.created the messa
 retried send stores it once), `type`, `createdAt` (ISO 8601 text, as on the wire), `data`,
 `target` ("webhook" or "push"), `status` ("pending", "delivered", "failed"; "planned": stored only
 for the push planner, never sent), `attempts`, `lastError`, `dueAt` (unix seconds of the next
-attempt), `leaseUntil` (unix seconds: a dispatcher holds it until then), `ageFrom` (unix seconds
-max_age counts from; reset by a retry), `plan` ("pending"/"done": message.created still to be
-turned into push.needed / reminders). Times the dispatcher compares are numbers, not dates:
-nx-27017 compares dates at whole seconds.
+attempt), `leaseUntil` (unix seconds: a dispatcher holds it until then), `claim` (the token of the
+batch claim that holds it), `ageFrom` (unix seconds max_age counts from; reset by a retry), `plan`
+("pending"/"done": message.created still to be turned into push.needed / reminders;
+`planLeaseUntil` and `planClaim` lease it to one planner). Times the dispatcher compares are
+numbers, not dates: nx-27017 compares dates at whole seconds.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def strip_content(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class Outbox:
-    """The EventSink that stores events in MongoDB; wake() tells this process's dispatcher."""
+    """The EventSink that stores events in MongoDB; stored(doc) hands each newly stored event to
+    this process's dispatcher (which wakes, and plans this process's messages from memory)."""
 
     def __init__(
         self,
@@ -95,7 +97,9 @@ class Outbox:
         webhook_on: bool,
         push_on: bool,
         plan_messages: bool,
-        wake: Callable[[], None],
+        stored: Callable[[dict[str, Any]], None],
+        plan_lease_secs: float = 60.0,
+        needs_plan: Callable[[dict[str, Any]], bool] = lambda message: True,
     ):
         self._collection = db.get_collection(COLLECTION, write_concern=write_concern)
         self._inserts = BatchedInserts(self._collection)
@@ -104,7 +108,9 @@ class Outbox:
         self._webhook_on = webhook_on
         self._push_on = push_on
         self._plan_messages = plan_messages  # push.needed or reminders are computed from messages
-        self._wake = wake
+        self._stored = stored
+        self._plan_lease_secs = plan_lease_secs
+        self._needs_plan = needs_plan
 
     def status_for(self, type_: str) -> str | None:
         """pending (to be sent), planned (kept only for the push planner) or None (not stored)."""
@@ -122,6 +128,11 @@ class Outbox:
         status = self.status_for(type_)
         if status is None:
             return None
+        # A message whose recipients all have a socket here needs no push and no reminder: decided
+        # now, in memory, so the planner never rewrites (or even stores) its event.
+        plan = type_ == "message.created" and self._plan_messages and self._needs_plan(data["message"])
+        if status == "planned" and not plan:
+            return None
         now = time.time()
         doc: dict[str, Any] = {
             "_id": event_id or str(ObjectId()),
@@ -136,9 +147,11 @@ class Outbox:
             "leaseUntil": 0.0,
             "ageFrom": now,
         }
-        if type_ == "message.created" and self._plan_messages:
+        if plan:
             doc["plan"] = "pending"
-            doc["planLeaseUntil"] = 0.0
+            # Born leased to this process, whose planner takes it from memory (stored()); only if
+            # this process dies first does another planner find it in the database after the lease.
+            doc["planLeaseUntil"] = now + self._plan_lease_secs
         return doc
 
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None:
@@ -153,7 +166,7 @@ class Outbox:
             await self._inserts.insert(doc)
         except DuplicateKeyError:
             return  # the same event, stored by an earlier attempt of the same action
-        self._wake()
+        self._stored(doc)
 
     # ---- the admin API (SPEC §11) ---------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class Outbox:
             if await self._collection.find_one({"_id": event_id}, {"_id": 1}) is None:
                 raise EventNotFound(f"event {event_id!r} does not exist")
             raise EventNotFailed(f"event {event_id!r} has not failed; only failed events are retried")
-        self._wake()
+        self._stored(doc)
         return event_to_wire(doc)
 
 

@@ -1,10 +1,11 @@
 """push.needed and message.unread_reminder (SPEC §12), computed on the dispatcher's side.
 
 The send path stores one message.created event (with `plan: "pending"`); this planner, run by the
-dispatcher, claims it (a lease, like deliveries), finds the recipients without a socket on any
-process and, per (user, conversation), opens or extends a coalescing window: one push.needed event
-per window, due when the window closes (coalesce_secs after its first message), carrying the
-window's newest seq and whether any of its messages mentioned the user. The user's total unread is
+dispatcher, claims such events in batches (a lease with a token, like deliveries), finds the
+recipients without a socket on any process and, per (user, conversation), opens or extends a
+coalescing window: one push.needed event per window, due when the window closes (coalesce_secs
+after its first message), carrying the window's newest seq and whether any of its messages
+mentioned the user. The user's total unread is
 counted when the window closes (prepare), so the badge is current. Nothing here holds message text:
 push data is built from ids and numbers only.
 
@@ -20,7 +21,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from pymongo import ReturnDocument
+from bson import ObjectId
 
 from models.clock import iso
 from models.conversations import ConversationRef, ConversationStore, count_unread
@@ -32,8 +33,9 @@ from models.presence import INSTANCE_STALE_AFTER_SECS
 
 log = logging.getLogger(__name__)
 
-PLAN_LEASE_SECS = 60.0
-PLAN_BATCH = 100
+PLAN_LEASE_SECS = 15.0  # a dead process's unplanned messages wait this long for another planner
+PLAN_BATCH = 200
+PLAN_SWEEP_SECS = 3.0  # how often the database is searched for messages whose planner died
 
 
 class LocalSockets(Protocol):
@@ -83,37 +85,90 @@ class PushPlanner:
         self._push_on = push_on
         self._coalesce_secs = coalesce_secs
         self._reminder_after_secs = reminder_after_secs
+        self._local: list[dict[str, Any]] = []  # this process's stored message.created, to plan
+        self._next_sweep = 0.0  # when to look for other (dead) processes' unplanned messages
+
+    def needs_plan(self, message: dict[str, Any]) -> bool:
+        """At store time: may this message give a push or a reminder? Not when reminders are off
+        and every recipient has a socket on this process (SPEC §12: a push is for a recipient with
+        no open socket when the message is stored). Group members are not known here: planned."""
+        if self._reminder_after_secs > 0 or message["channel"] == "gm":
+            return True
+        ref = conversation_of(message)
+        recipients = [u for u in recipients_of(ref, message) if u != message.get("from")]
+        return any(not self._sockets.is_online(user) for user in recipients)
+
+    def take(self, doc: dict[str, Any]) -> None:
+        """A message.created event this process just stored (born leased to it): planned from
+        memory at the next plan_pending, with no claim round trip."""
+        self._local.append(doc)
 
     async def plan_pending(self) -> None:
-        """Turn stored message.created events into push windows and reminders (bounded per call)."""
-        for _ in range(PLAN_BATCH):
-            now = time.time()
-            doc = await self._events.find_one_and_update(
-                {"plan": "pending", "planLeaseUntil": {"$lte": now}},
-                {"$set": {"planLeaseUntil": now + PLAN_LEASE_SECS}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is None:
-                return
-            try:
-                await self.plan_message(doc["data"]["message"])
-            except Exception:
-                log.exception("push planner: message of event %s not planned; retried after the lease", doc["_id"])
-                continue
-            await self._events.update_one({"_id": doc["_id"]}, {"$set": {"plan": "done"}})
-
-    async def plan_message(self, message: dict[str, Any]) -> None:
-        ref = conversation_of(message)
-        members: list[str] = []
-        if ref.channel == "gm":
-            group = await self._groups.find(ref.conv)
-            members = list(group["members"]) if group else []
-        recipients = [u for u in dict.fromkeys(recipients_of(ref, message, members)) if u != message.get("from")]
-        if not recipients:
+        """Turn message.created events into push windows and reminders: first this process's
+        own (from memory), then any whose lease ran out in the database (their process died), at
+        most PLAN_BATCH each: a find, an update_many that leases them with this batch's token and
+        a find of those won; then one presence look-up for all their recipients and one
+        update_many when done."""
+        if self._local:
+            batch, self._local = self._local[:PLAN_BATCH], self._local[PLAN_BATCH:]
+            await self._plan_batch(batch, {})
+        now = time.time()
+        if now < self._next_sweep:
             return
+        self._next_sweep = now + PLAN_SWEEP_SECS
+        pending = {"plan": {"$eq": "pending"}, "planLeaseUntil": {"$lte": now}}  # $eq: nx-27017 indexes it
+        found = await self._events.find(pending, {"_id": 1}).limit(PLAN_BATCH).to_list()
+        if not found:
+            return
+        ids = [doc["_id"] for doc in found]
+        token = str(ObjectId())
+        await self._events.update_many(
+            {"_id": {"$in": ids}, **pending}, {"$set": {"planLeaseUntil": now + PLAN_LEASE_SECS, "planClaim": token}}
+        )
+        claimed = await self._events.find({"_id": {"$in": ids}, "planClaim": token}, {"data": 1}).to_list()
+        claimed.sort(key=lambda doc: str(doc["_id"]))  # message ids sort as time: plan in send order
+        await self._plan_batch(claimed, {"planClaim": token})
+
+    async def _plan_batch(self, docs: list[dict[str, Any]], still_mine: dict[str, Any]) -> None:
+        planned = []
+        try:
+            batch = [(doc["_id"], doc["data"]["message"]) for doc in docs]
+            recipients = await self._recipients([message for _, message in batch])
+            everyone = sorted({u for users in recipients for u in users})
+            offline = set(await self.offline(everyone)) if self._push_on else set()
+            for (event_id, message), users in zip(batch, recipients, strict=True):
+                try:
+                    await self.plan_message(message, users, offline)
+                except Exception:
+                    log.exception("push planner: message of event %s not planned; retried after the lease", event_id)
+                    continue
+                planned.append(event_id)
+        finally:
+            if planned:
+                await self._events.update_many({"_id": {"$in": planned}, **still_mine}, {"$set": {"plan": "done"}})
+
+    async def _recipients(self, messages: list[dict[str, Any]]) -> list[list[str]]:
+        """Per message, who it is for, sender excluded (each group read once per batch)."""
+        members: dict[str, list[str]] = {}
+        for message in messages:
+            ref = conversation_of(message)
+            if ref.channel == "gm" and ref.conv not in members:
+                group = await self._groups.find(ref.conv)
+                members[ref.conv] = list(group["members"]) if group else []
+        out = []
+        for message in messages:
+            ref = conversation_of(message)
+            everyone = recipients_of(ref, message, members.get(ref.conv, []) if ref.channel == "gm" else [])
+            out.append([u for u in dict.fromkeys(everyone) if u != message.get("from")])
+        return out
+
+    async def plan_message(self, message: dict[str, Any], recipients: list[str], offline: set[str]) -> None:
+        """One message: a push window for each of its offline recipients, a reminder for each."""
+        ref = conversation_of(message)
         if self._push_on:
-            for user in await self.offline(recipients):
-                await self._extend_window(user, ref, message)
+            for user in recipients:
+                if user in offline:
+                    await self._extend_window(user, ref, message)
         if self._reminder_after_secs > 0:
             for user in recipients:
                 await self._arm_reminder(user, ref, message)

@@ -1,10 +1,17 @@
 """The webhook dispatcher: delivers the outbox (models/outbox.py) at least once, signed (SPEC §11).
 
-One dispatcher per process. It claims a due event with one find_one_and_update that moves its
-`dueAt` (and `leaseUntil`) a lease ahead, so another process never works on the same event at
-the same time, and an event whose process died (kill -9) is due again once the lease runs out.
-It is woken in-process when an event is stored and otherwise polls only slowly (POLL_SECS) for
-retries and the events of other processes: idle, it costs one small query every few seconds.
+One dispatcher per process. It claims due events in batches: one find of the due ids, one
+update_many that moves their `dueAt` (and `leaseUntil`) a lease ahead and stamps them with this
+claim's token (the filter re-checks that each is still due, so of two processes racing for an event
+exactly one wins it), and one find of the ids that carry the token. Another process never works on
+the same event at the same time, and an event whose process died (kill -9) is due again once the
+lease runs out. It is woken in-process when an event is stored, looks at most every
+MIN_LOOP_SECS under load (so a burst of sends costs a few batched queries, not a few per send),
+and otherwise polls only slowly (POLL_SECS) for retries and the events of other processes: idle,
+it costs one small query every few seconds.
+
+Every query names `status` (or `plan`) with `$eq`: nx-27017 uses the compound indexes only then,
+and would otherwise scan every stored event on every claim.
 
 A send never waits for it: emit() only stores; the HTTP POST happens here, later. A receiver that
 answers non-2xx, redirects (follow_redirects=False), answers garbage, hangs past timeout_secs or
@@ -23,7 +30,8 @@ import logging
 import time
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, ReturnDocument
+from bson import ObjectId
+from pymongo import ASCENDING, IndexModel
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from models.conversations import ConversationStore
@@ -32,12 +40,13 @@ from models.groups import GroupStore
 from models.outbox import COLLECTION, EventSink, NullSink, Outbox, wants
 from server.config import Settings
 from server.db import message_write_concern
-from server.push import LocalSockets, PushPlanner
+from server.push import PLAN_LEASE_SECS, LocalSockets, PushPlanner
 
 log = logging.getLogger(__name__)
 
 POLL_SECS = 3.0
-MAX_CONCURRENT_DELIVERIES = 16
+MIN_LOOP_SECS = 0.05  # under load, events are claimed and planned in batches at most this often
+MAX_CONCURRENT_DELIVERIES = 32
 FIRST_RETRY_SECS = 1.0
 LEASE_EXTRA_SECS = 30.0  # a lease outlives the attempt's timeout by this much
 ERROR_TEXT_CHARS = 200
@@ -66,7 +75,6 @@ class Dispatcher:
         self._urls = {"webhook": settings.webhooks.url, "push": settings.push.url or settings.webhooks.url}
         self._planner = planner
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._deliveries: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._client: AsyncHTTPClient | None = None
@@ -74,6 +82,12 @@ class Dispatcher:
 
     def wake(self) -> None:
         """An event was stored by this process: look now, not at the next poll."""
+        self._wake.set()
+
+    def stored(self, doc: dict[str, Any]) -> None:
+        """The outbox stored an event: a message to plan goes to the planner from memory."""
+        if self._planner is not None and doc.get("plan") == "pending":
+            self._planner.take(doc)
         self._wake.set()
 
     async def ensure_indexes(self) -> None:
@@ -106,11 +120,14 @@ class Dispatcher:
             self._client = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()  # before looking: a wake during the look is not lost
+            started = loop.time()
             try:
-                await self._work()
-                pause = await self._secs_until_due()
+                full = await self._work()
+                # With every slot busy, a finished delivery wakes the loop; no need to poll.
+                pause = POLL_SECS if full else await self._secs_until_due()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -119,35 +136,45 @@ class Dispatcher:
             if pause > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), pause)
+            # Woken early by a burst of stored events: let the next batch gather a little.
+            await asyncio.sleep(max(0.0, started + MIN_LOOP_SECS - loop.time()))
 
-    async def _work(self) -> None:
-        """Plan pending messages (push/reminders), then start every due delivery there is room for."""
+    async def _work(self) -> bool:
+        """Plan pending messages (push/reminders), then start every due delivery there is room
+        for. True when every delivery slot is busy."""
         if self._planner is not None:
             await self._planner.plan_pending()
-        while True:
-            await self._slots.acquire()
-            doc = await self._claim()
-            if doc is None:
-                self._slots.release()
-                return
-            task = asyncio.get_running_loop().create_task(self._deliver(doc))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+        while (room := MAX_CONCURRENT_DELIVERIES - len(self._deliveries)) > 0:
+            claimed = await self._claim(room)
+            for doc in claimed:
+                task = asyncio.get_running_loop().create_task(self._deliver(doc))
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
+            if len(claimed) < room:
+                return False
+        return True
 
-    async def _claim(self) -> dict[str, Any] | None:
+    async def _claim(self, room: int) -> list[dict[str, Any]]:
+        """Up to room due events, leased to this dispatcher (see the module docstring)."""
         now = time.time()
+        due = {"status": {"$eq": "pending"}, "dueAt": {"$lte": now}}
+        found = await self._events.find(due, {"_id": 1}).sort("dueAt", ASCENDING).limit(room).to_list()
+        if not found:
+            return []
+        ids = [doc["_id"] for doc in found]
         lease = now + self._lease_secs
-        doc: dict[str, Any] | None = await self._events.find_one_and_update(
-            {"status": "pending", "dueAt": {"$lte": now}},
-            {"$set": {"dueAt": lease, "leaseUntil": lease, "open": False}, "$inc": {"attempts": 1}},
-            sort=[("dueAt", ASCENDING)],
-            return_document=ReturnDocument.AFTER,
+        token = str(ObjectId())
+        await self._events.update_many(
+            {"_id": {"$in": ids}, **due},
+            {"$set": {"dueAt": lease, "leaseUntil": lease, "claim": token, "open": False}, "$inc": {"attempts": 1}},
         )
-        return doc
+        claimed: list[dict[str, Any]] = await self._events.find({"_id": {"$in": ids}, "claim": token}).to_list()
+        claimed.sort(key=lambda doc: ids.index(doc["_id"]))
+        return claimed
 
     async def _secs_until_due(self) -> float:
         """Until the next pending event is due (retries, coalescing windows), at most POLL_SECS."""
-        nearest = await self._events.find_one({"status": "pending"}, {"dueAt": 1}, sort=[("dueAt", ASCENDING)])
+        nearest = await self._events.find_one({"status": {"$eq": "pending"}}, {"dueAt": 1}, sort=[("dueAt", ASCENDING)])
         if nearest is None:
             return POLL_SECS
         return max(0.05, min(POLL_SECS, float(nearest["dueAt"]) - time.time()))
@@ -166,7 +193,6 @@ class Dispatcher:
         except Exception:
             log.exception("webhook dispatcher: event %s could not be handled", doc.get("_id"))
         finally:
-            self._slots.release()
             self._wake.set()  # a slot is free
 
     async def _post(self, doc: dict[str, Any]) -> str | None:
@@ -202,7 +228,7 @@ class Dispatcher:
 
     async def _record(self, doc: dict[str, Any], error: str | None) -> None:
         now = time.time()
-        mine = {"_id": doc["_id"], "leaseUntil": doc["leaseUntil"]}  # unless a later claim took it over
+        mine = {"_id": doc["_id"], "claim": doc["claim"]}  # unless a later claim took it over
         if error is None:
             await self._events.update_one(
                 mine, {"$set": {"status": "delivered", "deliveredAt": now, "lastError": None}}
@@ -231,8 +257,9 @@ def build_events(
     if not push_on:
         return NullSink(), None, None
     reminders_on = settings.reminders.after_secs > 0
-    # Filled in below: the outbox wakes the dispatcher, which is built after it.
+    # Filled in below: the outbox hands events to the dispatcher and asks the planner, built after it.
     dispatchers: list[Dispatcher] = []
+    planners: list[PushPlanner] = []
     outbox = Outbox(
         db,
         message_write_concern(settings),
@@ -241,7 +268,9 @@ def build_events(
         webhook_on=webhook_on,
         push_on=push_on,
         plan_messages=wants(settings.webhooks.events, "push.needed") or reminders_on,
-        wake=lambda: dispatchers[0].wake(),
+        stored=lambda doc: dispatchers[0].stored(doc),
+        plan_lease_secs=PLAN_LEASE_SECS,
+        needs_plan=lambda message: planners[0].needs_plan(message),
     )
     planner = PushPlanner(
         db,
@@ -253,5 +282,6 @@ def build_events(
         coalesce_secs=settings.push.coalesce_secs,
         reminder_after_secs=settings.reminders.after_secs if reminders_on else 0.0,
     )
+    planners.append(planner)
     dispatchers.append(Dispatcher(db, settings, planner))
     return outbox, outbox, dispatchers[0]
