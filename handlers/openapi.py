@@ -152,13 +152,26 @@ SCHEMAS: dict[str, Any] = {
             "title": {"type": "string"},
             "summary": {"type": "string"},
             "contentType": {"type": "integer", "enum": [1, 2, 3, 4]},
-            "content": {"type": "string", "minLength": 1},
+            "content": {"type": "string", "description": "Never empty, except on a recalled message."},
             "seq": {"type": "integer", "minimum": 1},
             "createdAt": TIMESTAMP,
             "clientMsgId": {"type": "string"},
             "event": {"type": "string"},
             "consultationId": {"type": "string"},
             "members": {"type": "array", "items": ID},
+            # SPEC §14: the state of a recalled or edited message, and what a notice is about.
+            "recalled": {"type": "boolean"},
+            "recalledAt": TIMESTAMP,
+            "recalledBy": ID,
+            "editedAt": TIMESTAMP,
+            "editedBy": ID,
+            "editCount": {"type": "integer", "minimum": 1},
+            "target": {"type": "string", "description": "On a message.recalled / message.edited notice: the message."},
+            "parties": {
+                "type": "array",
+                "items": ID,
+                "description": "On a pm notice: the conversation's two users (its `from` may be staff).",
+            },
         },
     },
     "MessagePage": {
@@ -359,6 +372,41 @@ ACCOUNT = {
     },
 }
 
+# SPEC §15: legal holds and the purge.
+HOLD: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "reason", "createdAt", "createdBy"],
+    "properties": {
+        "id": OBJECT_ID,
+        "user": ID,
+        "peer": ID,
+        "group": ID,
+        "reason": {"type": "string"},
+        "createdAt": TIMESTAMP,
+        "createdBy": {"type": "string"},
+        "releasedAt": {**TIMESTAMP, "description": "Only on the answer of DELETE: when the hold ended."},
+        "releasedBy": {"type": "string"},
+    },
+}
+HOLD_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["reason"],
+    "description": "A user (all its conversations and groups), a user + peer (one pm conversation), "
+    "or a group; naming none is a 400 naming user, an unknown user or group a 404.",
+    "properties": {
+        "user": ID,
+        "peer": ID,
+        "group": ID,
+        "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": "\\S"},
+    },
+}
+PURGE_KINDS = ("sm", "pm", "gm", "audit", "webhook", "files")
+PURGE_COUNTS: dict[str, Any] = {
+    "type": "object",
+    "required": list(PURGE_KINDS),
+    "properties": {kind: {"type": "integer", "minimum": 0} for kind in PURGE_KINDS},
+}
+
 RECEIPTS_OPERATION: dict[str, Any] = {
     "summary": "When each recipient received and read a message (the sender, service, admin)",
     "parameters": [_path("id", ID, "The message id.")],
@@ -388,6 +436,88 @@ RECEIPTS_OPERATION: dict[str, Any] = {
             )
         },
         *READ_ERRORS,
+    ),
+}
+
+# SPEC §14: edit, recall and the versions of one message.
+CHANGE_ERRORS = ("400", "401", "403", "404", "409", "413", "429", "503")
+CHANGE_DESCRIPTION = (
+    "The sender within [messages] recall_window_secs / edit_window_secs (later: 403 window_expired); "
+    "service/admin at any time, naming `operator`. 403 forbidden: someone else's message; 409 "
+    "not_editable: an event message (consultation, group or recall/edit notice); 409 message_recalled: "
+    "an edit of a recalled message; 409 client_msg_id_reused: an edit's clientMsgId already used for "
+    "other content. A notice (event message.recalled / message.edited, `target` = the message) follows "
+    "in the conversation with its own seq."
+)
+OPERATOR = {**ID, "description": "Required with service/admin tokens: who makes the change."}
+EDIT_OPERATION: dict[str, Any] = {
+    "summary": "Edit a message: new content (and contentType); every version is kept",
+    "description": CHANGE_DESCRIPTION,
+    "parameters": [_path("id", ID, "The message id.")],
+    "requestBody": _json_body(
+        {
+            "type": "object",
+            "required": ["content"],
+            "properties": {
+                "content": _ref("Content"),
+                "contentType": _ref("ContentType"),
+                "clientMsgId": {**_ref("ClientMsgId"), "description": "Makes a retried edit change nothing more."},
+                "operator": OPERATOR,
+            },
+        }
+    ),
+    "responses": _responses({"200": _ok("The message as it now is.", _ref("Message"))}, *CHANGE_ERRORS),
+}
+RECALL_OPERATION: dict[str, Any] = {
+    "summary": "Recall a message: content emptied, marked recalled; the original is kept",
+    "description": CHANGE_DESCRIPTION + " Repeating a recall changes nothing and answers the message.",
+    "parameters": [_path("id", ID, "The message id.")],
+    "requestBody": _json_body(
+        {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "maxLength": 1000}, "operator": OPERATOR},
+        },
+        required=False,
+    ),
+    "responses": _responses({"200": _ok("The recalled message.", _ref("Message"))}, *CHANGE_ERRORS),
+}
+HISTORY_OPERATION: dict[str, Any] = {
+    "summary": "Every version of a message, oldest first (admin only; audited as message.history.read)",
+    "parameters": [_path("id", ID, "The message id.")],
+    "responses": _responses(
+        {
+            "200": _ok(
+                "The message as it now is and what it was.",
+                {
+                    "type": "object",
+                    "required": ["message", "versions"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "message": _ref("Message"),
+                        "versions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["action", "content", "contentType", "at", "by"],
+                                "properties": {
+                                    "action": {"type": "string", "enum": ["created", "edited", "recalled"]},
+                                    "content": {"type": "string"},
+                                    "contentType": {"type": "integer", "enum": [1, 2, 3, 4]},
+                                    "at": TIMESTAMP,
+                                    "by": ID,
+                                    "reason": {"type": "string", "description": "A recall's reason, if given."},
+                                },
+                            },
+                        },
+                    },
+                },
+            )
+        },
+        "400",
+        "401",
+        "403",
+        "404",
+        "503",
     ),
 }
 
@@ -804,6 +934,15 @@ PATHS: dict[str, Any] = {
         }
         for channel in ("sm", "pm", "gm")
     },
+    **{
+        path.format(channel=channel): {method: {**operation, "operationId": f"{name}{channel.upper()}"}}
+        for path, method, operation, name in (
+            ("/api/v1/chats/{channel}/{{id}}", "patch", EDIT_OPERATION, "edit"),
+            ("/api/v1/chats/{channel}/{{id}}/recall", "post", RECALL_OPERATION, "recall"),
+            ("/api/v1/chats/{channel}/{{id}}/history", "get", HISTORY_OPERATION, "getHistory"),
+        )
+        for channel in ("sm", "pm", "gm")
+    },
     "/api/v1/status": {
         "get": {
             "summary": "Running status (public; admin tokens add connection counts)",
@@ -867,6 +1006,107 @@ PATHS: dict[str, Any] = {
                 "revokeUserTokens",
             ),
         )
+    },
+    "/api/v1/retention/run": {
+        "post": {
+            "summary": "Run a retention purge now (admin only; SPEC §15)",
+            "operationId": "runRetention",
+            "description": "Deletes messages older than their channel's [retention] limit (except held "
+            "conversations and each conversation's newest message), files older than a day that no kept "
+            "message carries, audit entries and delivered webhook events past theirs; audited as "
+            "retention.purged. One purge at a time across every process (a lease in the database): 409 "
+            "purge_running while another runs.",
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "What was deleted, per kind.",
+                        {"type": "object", "required": ["purged"], "properties": {"purged": PURGE_COUNTS}},
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "409",
+                "413",
+                "503",
+            ),
+        },
+    },
+    "/api/v1/holds": {
+        "post": {
+            "summary": "Place a legal hold (admin only): held messages and their files are never purged",
+            "operationId": "createHold",
+            "requestBody": _json_body(HOLD_BODY),
+            "responses": _responses(
+                {"201": _ok("The hold; audited as hold.created.", HOLD)},
+                "400",
+                "401",
+                "403",
+                "404",
+                "413",
+                "503",
+            ),
+        },
+        "get": {
+            "summary": "The active legal holds (admin only)",
+            "operationId": "listHolds",
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        "Active holds, oldest first.",
+                        {
+                            "type": "object",
+                            "required": ["holds"],
+                            "properties": {"holds": {"type": "array", "items": HOLD}},
+                        },
+                    )
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
+    },
+    "/api/v1/holds/{id}": {
+        "delete": {
+            "summary": "Release a legal hold (admin only); the next purge may take what is past its limit",
+            "operationId": "releaseHold",
+            "parameters": [_path("id", ID, "The hold id.")],
+            "responses": _responses(
+                {"200": _ok("The released hold; audited as hold.released.", HOLD)},
+                "400",
+                "401",
+                "403",
+                "404",
+                "503",
+            ),
+        },
+    },
+    "/api/v1/users/{id}/export": {
+        "get": {
+            "summary": "A user's record as NDJSON (the user itself, service, admin; SPEC §16)",
+            "operationId": "exportUser",
+            "description": "Streamed, one JSON object per line, each with a `type`: `user`, then "
+            "`conversation` lines (as in the conversation list), `message` lines ({type, message}: the "
+            "user's sm and pm conversations and its groups while a member, oldest first per "
+            "conversation), `consultation` lines, `file` lines ({type, id, url, mimeType, size}), and "
+            "last `end` ({type, counts}). A stream that stops without `end` (or with an `error` line: "
+            "{type, code, message}) is incomplete. Audited as export.created.",
+            "parameters": [_path("id", ID, "The user.")],
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "The record, one JSON object per line.",
+                        "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                    }
+                },
+                "400",
+                "401",
+                "403",
+                "503",
+            ),
+        },
     },
     "/api/v1/openapi.json": {
         "get": {

@@ -115,7 +115,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             if isinstance(error, InternalError):
                 log.exception("frame from %s failed", self.principal.user_id)
             if error.status == 403:  # stored before the refusal is reported (SPEC §13)
-                await record_denied(self.services.audit, self.principal, "ws", asked_target(frame, {"channel": kind}))
+                # A recall/edit frame names its message `id` (SPEC §14): the target's messageId.
+                asked = asked_target(frame, {"channel": kind, "messageId": frame.get("id")})
+                await record_denied(self.services.audit, self.principal, "ws", asked)
             self.session.push_frame(encode_frame(error_frame(error, client_msg_id)))
 
     async def _on_send(self, session: ChatSession, frame: dict[str, Any]) -> None:
@@ -125,6 +127,19 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         data = {k: v for k, v in frame.items() if k not in ("type", "from")}
         message, _created = await self.services.chat.send(self.principal, frame["type"], data, origin=session)
         session.push_frame(encode_frame({"type": "ack", "clientMsgId": message["clientMsgId"], "message": message}))
+
+    async def _on_change(self, session: ChatSession, frame: dict[str, Any]) -> None:
+        """recall / edit (SPEC §14): answered by an ack carrying the changed message."""
+        client_msg_id = parse_client_msg_id(frame)
+        if client_msg_id is None:
+            raise InvalidField("clientMsgId", "is required on WebSocket recalls and edits")
+        channel = frame.get("channel")
+        if channel not in ("sm", "pm", "gm"):
+            raise InvalidField("channel", "must be one of sm, pm, gm")
+        data = {k: v for k, v in frame.items() if k not in ("type", "channel", "id")}
+        change = self.services.chat.recall if frame["type"] == "recall" else self.services.chat.edit
+        message = await change(self.principal, channel, frame.get("id"), data, via="ws")
+        session.push_frame(encode_frame({"type": "ack", "clientMsgId": client_msg_id, "message": message}))
 
     async def _on_received(self, session: ChatSession, frame: dict[str, Any]) -> None:
         await self.services.chat.mark(self.principal, self.principal.user_id, frame, read=False, via="ws")
@@ -140,6 +155,8 @@ FrameHandler = Callable[[ChatSocketHandler, ChatSession, dict[str, Any]], Awaita
 FRAME_HANDLERS: dict[str, FrameHandler] = {
     "pm": ChatSocketHandler._on_send,
     "gm": ChatSocketHandler._on_send,
+    "recall": ChatSocketHandler._on_change,
+    "edit": ChatSocketHandler._on_change,
     "received": ChatSocketHandler._on_received,
     "read": ChatSocketHandler._on_read,
     "ping": ChatSocketHandler._on_ping,

@@ -66,7 +66,20 @@ ACTIONS = frozenset(
 )
 VIA = ("rest", "ws", "system")
 OUTCOMES = ("ok", "denied")
-TARGET_FIELDS = ("channel", "peer", "group", "user", "messageId", "fromSeq", "toSeq", "seq", "fileId", "consultationId")
+TARGET_FIELDS = (
+    "channel",
+    "peer",
+    "group",
+    "user",
+    "messageId",
+    "fromSeq",
+    "toSeq",
+    "seq",
+    "fileId",
+    "consultationId",
+    "holdId",  # hold.created / hold.released (SPEC §15)
+    "purged",  # retention.purged: {"sm", "pm", "gm", "audit", "webhook", "files"} counts
+)
 # Query parameter -> the stored field it filters on (each has an index with key, server/db.py).
 FILTER_FIELDS = {
     "actor": "actor",

@@ -169,6 +169,13 @@ class ConversationStore:
             # count_unread counts distinct seqs.
             await self._upsert_cursor(sender, ref, {"$push": {"own": seq}, "$setOnInsert": {"received": 0, "read": 0}})
 
+    async def show_changed_message(self, ref: ConversationRef, message: dict[str, Any]) -> None:
+        """A recalled or edited message that is still the summary's lastMessage shows as it now is
+        (SPEC §14); conditional, so a newer lastMessage is never replaced. Journaled."""
+        await self._summary_updates.update(
+            UpdateOne({"_id": ref.key, "lastMessage._id": {"$eq": message["_id"]}}, {"$set": {"lastMessage": message}})
+        )
+
     async def get_summary(self, ref: ConversationRef) -> dict[str, Any] | None:
         return await self._summaries.find_one({"_id": ref.key})
 
@@ -209,7 +216,9 @@ class ConversationStore:
         """pm/sm summaries with messages the user may not have received (O(news))."""
         pages = await asyncio.gather(
             *(
-                self._summaries.find({f"pending{side}": user}, {"channel": 1, "conv": 1, "lastSeq": 1}).to_list()
+                self._summaries.find(
+                    {f"pending{side}": user}, {"channel": 1, "conv": 1, "lastSeq": 1, "purgedSeq": 1}
+                ).to_list()
                 for side in SIDES
             )
         )
@@ -217,10 +226,15 @@ class ConversationStore:
 
     async def get_last_seqs(self, refs: Sequence[ConversationRef]) -> dict[str, int]:
         """lastSeq by conversation key, for the given conversations that have messages."""
+        return {key: last for key, (last, _purged) in (await self.get_seq_ranges(refs)).items()}
+
+    async def get_seq_ranges(self, refs: Sequence[ConversationRef]) -> dict[str, tuple[int, int]]:
+        """(lastSeq, purgedSeq) by conversation key: purgedSeq is the highest seq retention deleted
+        (models/retention.py; 0 when none), so what is left is seq purgedSeq + 1 .. lastSeq."""
         if not refs:
             return {}
-        found = self._summaries.find({"_id": {"$in": [ref.key for ref in refs]}}, {"lastSeq": 1})
-        return {doc["_id"]: doc["lastSeq"] async for doc in found}
+        found = self._summaries.find({"_id": {"$in": [ref.key for ref in refs]}}, {"lastSeq": 1, "purgedSeq": 1})
+        return {doc["_id"]: (doc["lastSeq"], doc.get("purgedSeq", 0)) async for doc in found}
 
     async def clear_pending(self, user: str, ref: ConversationRef, received: int) -> None:
         """Drop the user's news flag on a conversation it has received up to lastSeq."""

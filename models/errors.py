@@ -65,6 +65,12 @@ class NotAMember(Forbidden):
     code = "not_a_member"
 
 
+class WindowExpired(Forbidden):
+    """A sender's recall or edit after [messages] recall_window_secs / edit_window_secs (SPEC §14)."""
+
+    code = "window_expired"
+
+
 # ---- 404 -----------------------------------------------------------------------------------------
 
 
@@ -127,6 +133,24 @@ class PatientIsDoctor(Conflict):
     """The `patient` named is known as a doctor."""
 
     code = "patient_is_doctor"
+
+
+class NotEditable(Conflict):
+    """An event message (consultation, group, recall or edit notice): never recalled or edited (SPEC §14)."""
+
+    code = "not_editable"
+
+
+class MessageRecalled(Conflict):
+    """An edit of a message that has been recalled (SPEC §14)."""
+
+    code = "message_recalled"
+
+
+class MessageBusy(Conflict):
+    """The message kept changing under an edit (other processes editing it); the caller may retry."""
+
+    code = "message_busy"
 
 
 # ---- 413 / 416 / 429 / 431 -----------------------------------------------------------------------

@@ -6,6 +6,9 @@ as `content`; such a message is what lets its other party read the file. Who may
 - staff (service, admin);
 - a user with access to a message whose content is the file id: a `pm` the user sent or received,
   an `sm` to the user, a `gm` in a group the user is a member of now.
+A recalled message's content is emptied (models/recall.py, with the edit notices that carried its
+files), so it no longer lets its recipients read its file: they get the 404 below, while the file
+stays for the record (owner, uploader and staff still read it; `message_versions` names it).
 Everyone else gets 404, exactly as for an id that does not exist: file ids are ObjectIds, which are
 partly sequential, so access never relies on an id being hard to guess, and a refusal never tells
 whether the file exists.

@@ -126,7 +126,8 @@ class Inbox:
             entry.update(
                 {
                     "lastMessage": message_to_wire(summary["lastMessage"]),
-                    "unread": count_unread(summary["lastSeq"], read_seq, own),
+                    # Messages retention deleted (up to purgedSeq) are not waiting to be read.
+                    "unread": count_unread(summary["lastSeq"], max(read_seq, summary.get("purgedSeq", 0)), own),
                     "receivedSeq": received,
                     "readSeq": read_seq,
                 }
@@ -154,14 +155,19 @@ class Inbox:
         pending, cursors, group_seqs = await asyncio.gather(
             self._conversations.find_pending(user),
             self._conversations.get_cursors(user),
-            self._conversations.get_last_seqs([ConversationRef.gm(g) for g in group_ids]),
+            self._conversations.get_seq_ranges([ConversationRef.gm(g) for g in group_ids]),
         )
         newest: dict[str, tuple[ConversationRef, int]] = {}
+        # What retention deleted (models/retention.py): the backlog starts above it, so the seqs
+        # that are gone are not held for as a gap (server/ordering.py).
+        purged: dict[str, int] = {}
         for summary in pending:
             ref = ConversationRef(summary["channel"], summary["conv"])
             newest[ref.key] = (ref, summary["lastSeq"])
-        for key, seq in group_seqs.items():
+            purged[ref.key] = summary.get("purgedSeq", 0)
+        for key, (seq, purged_seq) in group_seqs.items():
             newest[key] = (ConversationRef.from_key(key), seq)
+            purged[key] = purged_seq
         for key, (ref, seq) in (just_stored or {}).items():
             if seq > newest.get(key, (ref, 0))[1]:
                 newest[key] = (ref, seq)
@@ -172,7 +178,7 @@ class Inbox:
                 # A flag left set (a received marker moved past a message while its summary was
                 # still being written): clear it now, conditionally.
                 await self._conversations.clear_pending(user, ref, received)
-            plan.append((ref, received, seq))
+            plan.append((ref, max(received, purged.get(key, 0)), seq))
         for key, cursor in cursors.items():
             if key not in newest:
                 plan.append((ConversationRef.from_key(key), cursor.get("received", 0), cursor.get("received", 0)))

@@ -65,7 +65,20 @@ WIRE_FIELDS = (
     "doctor",
     "patient",
     "members",
+    # Recall and edit (SPEC §14; models/recall.py): on a notice, the message it is about and, in
+    # pm, the conversation's two users (its `from` is the operator, who may be staff); on a
+    # changed message, its state.
+    "target",
+    "parties",
+    "recalled",
+    "recalledAt",
+    "recalledBy",
+    "editedAt",
+    "editedBy",
+    "editCount",
 )
+# Times set by an update, not the insert: nx-27017 hands those back as text (models/clock.py).
+CHANGE_TIME_FIELDS = ("recalledAt", "editedAt")
 # What makes a repeated send the same request; `from` and `channel` are part of the key itself.
 SAME_REQUEST_FIELDS = ("to", "group", "at", "title", "summary", "contentType", "content")
 # The group event whose removed members still receive it (models/membership.py sends it).
@@ -78,6 +91,11 @@ def message_to_wire(doc: Mapping[str, Any]) -> dict[str, Any]:
         if field in doc:
             wire[field] = doc[field]
     wire["createdAt"] = iso(doc["createdAt"])
+    for field in CHANGE_TIME_FIELDS:
+        if field in wire:
+            wire[field] = iso(wire[field])
+    if "recalled" in wire:
+        wire["recalled"] = bool(wire["recalled"])  # nx-27017 stores a $set True as 1
     return wire
 
 
@@ -432,8 +450,12 @@ def _check_same_request(original: Mapping[str, Any], draft: Draft) -> None:
     otherwise the new message would be dropped silently: ClientMsgIdReused (409)."""
     if "eventKey" in draft.fields:
         return  # the server's own event, written again by a retry: always the same event
+    # A message recalled or edited since (models/recall.py) no longer holds what was sent: its
+    # conversation decides, and the retry gets the message as it now is.
+    changed = bool(original.get("recalled") or original.get("editCount"))
+    fields = ("to", "group") if changed else SAME_REQUEST_FIELDS
     if original.get("conv") != draft.ref.conv or any(
-        original.get(field) != draft.fields.get(field) for field in SAME_REQUEST_FIELDS
+        original.get(field) != draft.fields.get(field) for field in fields
     ):
         raise ClientMsgIdReused(
             f"clientMsgId: {draft.fields['clientMsgId']!r} was already used for a different message "

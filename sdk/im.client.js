@@ -16,7 +16,9 @@
  *     optional `getToken` hook for a fresh token before every attempt, and stops (error
  *     `unauthenticated`) when the server refuses the token;
  *   - `history()` pages a conversation's stored messages over REST, newest page first;
- *     `receipts(message)` says when each recipient received and read one of them.
+ *     `receipts(message)` says when each recipient received and read one of them;
+ *   - `recall(message)` / `edit(message, content)` change a stored message (SPEC §14); the
+ *     `recalled` / `edited` events carry the changed message when its notice arrives.
  *
  * The connection has one state, `client.state`: "idle" (never started), "connecting" (a handshake
  * or a back-off wait), "open", "closed" (close() or a refused token); every change emits
@@ -54,6 +56,10 @@
   // Server error codes worth retrying with the same clientMsgId (idempotent on the server).
   var RETRYABLE_CODES = { database_unavailable: true, rate_limited: true };
 
+  // SPEC §14: the notices that announce a change of an earlier message (its id in `target`).
+  var EVENT_RECALLED = "message.recalled";
+  var EVENT_EDITED = "message.edited";
+
   // The highest seq a page of history can ask below (the server's bound; JavaScript's safe integer).
   var NEWEST_SEQ = 9007199254740991;
   var MAX_HISTORY_LIMIT = 200;
@@ -72,6 +78,7 @@
     receivedDelayMs: 50,          // coalesce `received` frames over this window
     maxSendRetries: 5,            // retries of a send answered by a retryable error
     dedupeWindow: 10000,          // how many message ids are remembered for de-duplication
+    messageCacheSize: 2000,       // how many recent messages are kept to build `recalled` / `edited`
     checkTokenPath: "/api/v1/status"  // REST path used to tell a refused token from a down server
   };
 
@@ -162,9 +169,13 @@
   /** The conversation a message belongs to, from this user's point of view (null: unknown). */
   function conversationOf(message, me) {
     if (message.channel === "pm") {
-      // Consultation events name both parties: their operator (`from`) may be staff.
+      // Consultation events and recall/edit notices name both parties: their operator (`from`)
+      // may be staff.
       if (typeof message.doctor === "string" && typeof message.patient === "string") {
         return { channel: "pm", peer: message.doctor === me ? message.patient : message.doctor };
+      }
+      if (Array.isArray(message.parties) && message.parties.length === 2) {
+        return { channel: "pm", peer: message.parties[0] === me ? message.parties[1] : message.parties[0] };
       }
       var peer = message.from !== me ? message.from : message.to;
       return typeof peer === "string" ? { channel: "pm", peer: peer } : null;
@@ -174,6 +185,62 @@
     }
     if (message.channel === "sm") return { channel: "sm" };
     return null;
+  }
+
+  /** A copy of a message with some fields changed. */
+  function withFields(message, fields) {
+    var out = {};
+    var key;
+    for (key in message) {
+      if (Object.prototype.hasOwnProperty.call(message, key)) out[key] = message[key];
+    }
+    for (key in fields) {
+      if (Object.prototype.hasOwnProperty.call(fields, key)) out[key] = fields[key];
+    }
+    return out;
+  }
+
+  /**
+   * The message a recall/edit notice is about, as it now is: built from the message as this client
+   * last saw it (`known`, or null) and the notice, which carries the operator (`from`), the time
+   * (`createdAt`) and, for an edit, the new content. Without `known`, only what the notice says.
+   */
+  function changedByNotice(notice, known) {
+    var base = known || { id: notice.target, channel: notice.channel };
+    if (!known) {
+      if (notice.group !== undefined) base.group = notice.group;
+      if (notice.parties !== undefined) base.parties = notice.parties;
+      if (notice.channel === "sm") base.to = notice.to;
+    }
+    if (notice.event === EVENT_RECALLED) {
+      if (base.recalled) return base;
+      return withFields(base, { content: "", recalled: true, recalledAt: notice.createdAt, recalledBy: notice.from });
+    }
+    // Already showing this edit (the ack, or a later history page, came first).
+    if (known && known.editCount && known.content === notice.content && known.contentType === notice.contentType) {
+      return known;
+    }
+    return withFields(base, {
+      content: notice.content,
+      contentType: notice.contentType,
+      editedAt: notice.createdAt,
+      editedBy: notice.from,
+      editCount: (base.editCount || 0) + 1
+    });
+  }
+
+  /** {channel, id} of a stored message (or of the arguments channel, id), or a TypeError. */
+  function storedMessageRef(name, messageOrChannel, id) {
+    var channel = messageOrChannel;
+    if (messageOrChannel && typeof messageOrChannel === "object") {
+      channel = messageOrChannel.channel;
+      id = messageOrChannel.id;
+    }
+    if (channel !== "sm" && channel !== "pm" && channel !== "gm") {
+      throw new TypeError(name + ": channel must be sm, pm or gm");
+    }
+    if (typeof id !== "string" || !id) throw new TypeError(name + ": a stored message's id is needed");
+    return { channel: channel, id: id };
   }
 
   function conversationKey(conv) {
@@ -306,6 +373,7 @@
     this._pending = new Map();     // clientMsgId -> {frame, promise, resolve, reject, retries, retryTimer}
     this._seen = new Set();        // message ids already emitted
     this._seenOrder = [];
+    this._recent = new Map();      // message id -> the message as last seen (recall/edit events)
     this._marks = new Map();       // conversation key -> {conv, contig, acked: Set<seq>}
     this._receivedQueue = new Map();
     this._readQueue = new Map();   // read markers set while offline, sent on open
@@ -335,7 +403,7 @@
 
   // ---- events ---------------------------------------------------------------------------------
 
-  /** Listen: message, receipt, connected, disconnected, reconnecting, statechange, error. Returns this. */
+  /** Listen: message, recalled, edited, receipt, connected, disconnected, reconnecting, statechange, error. Returns this. */
   proto.on = function (event, fn) {
     if (typeof fn !== "function") throw new TypeError("IMClient.on: listener must be a function");
     (this._listeners[event] = this._listeners[event] || []).push(fn);
@@ -703,16 +771,48 @@
     var duplicate = this._seen.has(message.id);
     if (!duplicate) {
       this._remember(message.id);
+      this._keep(message);
       this._emit("message", message);
+      this._applyNotice(message);
     }
     // Even for a duplicate: the server resent it because our marker is behind.
     if (this.options.autoReceive) this._noteSeq(message, false);
   };
 
+  /**
+   * A recall/edit notice (SPEC §14): emit `recalled` / `edited` with the changed message. An edit
+   * notice emptied by a later recall (`recalled: true`) says nothing: the recall notice follows.
+   */
+  proto._applyNotice = function (notice) {
+    if ((notice.event !== EVENT_RECALLED && notice.event !== EVENT_EDITED) || typeof notice.target !== "string") return;
+    if (notice.event === EVENT_EDITED && notice.recalled) return;
+    var changed = changedByNotice(notice, this._recent.get(notice.target) || null);
+    this._keep(changed);
+    this._emit(notice.event === EVENT_RECALLED ? "recalled" : "edited", changed);
+  };
+
+  /** Remember a message as it now is (bounded), for the changes that may follow. */
+  proto._keep = function (message) {
+    if (!message || typeof message.id !== "string") return;
+    this._recent.delete(message.id);
+    this._recent.set(message.id, message);
+    var limit = this.options.messageCacheSize;
+    while (this._recent.size > limit) this._recent.delete(this._recent.keys().next().value);
+  };
+
   proto._onAck = function (frame) {
     var entry = this._pending.get(frame.clientMsgId);
     var message = frame.message;
+    if (entry && entry.change) {
+      // The ack of a recall or edit carries an earlier message, changed: not a new seq.
+      this._pending.delete(frame.clientMsgId);
+      if (entry.retryTimer) clearTimeout(entry.retryTimer);
+      this._keep(message);
+      entry.resolve(message);
+      return;
+    }
     if (message && typeof message.id === "string") this._remember(message.id);
+    if (message && typeof message.id === "string") this._keep(message);
     if (message && this.options.autoReceive) this._noteSeq(message, true);
     if (!entry) return;
     this._pending.delete(frame.clientMsgId);
@@ -866,6 +966,68 @@
     return entry.promise;
   };
 
+  // ---- recall and edit (SPEC §14) ------------------------------------------------------------
+
+  /**
+   * Recall a stored message (one's own within the server's window; service/admin any time, with
+   * options.operator): recall(message) or recall(channel, id). Resolves with the message as it now
+   * is (recalled, content ""), rejects with the server's error (`window_expired`, `forbidden`,
+   * `not_editable`, `not_found`). Re-sent after a reconnect like a send; a repeat changes nothing.
+   */
+  proto.recall = function (messageOrChannel, idOrOptions, maybeOptions) {
+    var ref;
+    var byMessage = messageOrChannel && typeof messageOrChannel === "object";
+    var options = (byMessage ? idOrOptions : maybeOptions) || {};
+    try {
+      ref = storedMessageRef("recall", messageOrChannel, byMessage ? undefined : idOrOptions);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    var frame = { type: "recall", channel: ref.channel, id: ref.id, clientMsgId: options.clientMsgId || randomId() };
+    if (options.operator) frame.operator = options.operator;
+    return this._change(frame);
+  };
+
+  /**
+   * Edit a stored message's content (options: contentType, clientMsgId, operator for staff).
+   * Resolves with the edited message (`editedAt`, `editCount`); rejects as recall() does, and with
+   * `message_recalled` for a recalled message. Repeating it with the same clientMsgId changes nothing.
+   */
+  proto.edit = function (message, content, options) {
+    var ref;
+    try {
+      ref = storedMessageRef("edit", message);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (typeof content !== "string" || !content.trim()) {
+      return Promise.reject(IMError("invalid_field", "content: must be a non-empty string"));
+    }
+    var opts = options || {};
+    var frame = { type: "edit", channel: ref.channel, id: ref.id, content: content,
+      clientMsgId: opts.clientMsgId || randomId() };
+    if (opts.contentType !== undefined && opts.contentType !== null) frame.contentType = opts.contentType;
+    if (opts.operator) frame.operator = opts.operator;
+    return this._change(frame);
+  };
+
+  proto._change = function (frame) {
+    var existing = this._pending.get(frame.clientMsgId);
+    if (existing) return existing.promise;
+    if (utf8Length(JSON.stringify(frame)) > MAX_FRAME_BYTES) {
+      return Promise.reject(IMError("too_large", "content: the edit is larger than a 64 KiB frame allows",
+        { clientMsgId: frame.clientMsgId }));
+    }
+    var entry = { frame: frame, retries: 0, retryTimer: null, change: true };
+    entry.promise = new Promise(function (resolve, reject) {
+      entry.resolve = resolve;
+      entry.reject = reject;
+    });
+    this._pending.set(frame.clientMsgId, entry);
+    this._transmit(frame);  // if not open now, it goes out on the next open
+    return entry.promise;
+  };
+
   /** Sends still waiting for their ack (e.g. for a "sending…" indicator). */
   proto.pendingCount = function () {
     return this._pending.size;
@@ -897,6 +1059,7 @@
     return this._restGet(path, true).then(function (body) {
       var next = body && typeof body.next === "string" ? body.next : null;
       var page = { messages: body && Array.isArray(body.messages) ? body.messages : [], next: next };
+      page.messages.forEach(function (m) { self._keep(m); });  // what later changes start from
       page.more = function () {
         if (!next) return Promise.resolve(null);
         // The cursor carries the seq bound and the direction; the other filters go along.
@@ -920,16 +1083,13 @@
    * (ISO 8601 times, null while not yet); rejects with an IMError (403 for someone else's message).
    */
   proto.receipts = function (messageOrChannel, id) {
-    var channel = messageOrChannel;
-    if (messageOrChannel && typeof messageOrChannel === "object") {
-      channel = messageOrChannel.channel;
-      id = messageOrChannel.id;
+    var ref;
+    try {
+      ref = storedMessageRef("receipts", messageOrChannel, id);
+    } catch (err) {
+      return Promise.reject(err);
     }
-    if (channel !== "sm" && channel !== "pm" && channel !== "gm") {
-      return Promise.reject(new TypeError("receipts: channel must be sm, pm or gm"));
-    }
-    if (typeof id !== "string" || !id) return Promise.reject(new TypeError("receipts: a stored message's id is needed"));
-    var path = "/api/v1/chats/" + channel + "/" + encodeURIComponent(id) + "/receipts";
+    var path = "/api/v1/chats/" + ref.channel + "/" + encodeURIComponent(ref.id) + "/receipts";
     return this._restGet(path, true).then(function (body) {
       return { message: body && body.message, receipts: body && Array.isArray(body.receipts) ? body.receipts : [] };
     });

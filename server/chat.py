@@ -1,5 +1,5 @@
-"""The one send path and the one marker path, shared by REST (handlers/chats.py,
-handlers/conversations.py) and the WebSocket (handlers/ws.py)."""
+"""The one send path, the one marker path and the one change path (recall, edit: SPEC §14),
+shared by REST (handlers/chats.py, handlers/conversations.py) and the WebSocket (handlers/ws.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from models.inbox import Inbox
 from models.messages import MessageService
 from models.outbox import EventSink, NullSink
 from models.principal import Principal
+from models.recall import MessageChanges
 from models.receipts import MarkerMoves
 from server.hub import Hub
 from server.push import where
@@ -30,7 +31,10 @@ class ChatService:
         audit: AuditRecorder,
         marker_moves: MarkerMoves,
         events: EventSink | None = None,  # message.read (SPEC §11)
+        *,
+        changes: MessageChanges,  # recall and edit (SPEC §14)
     ) -> None:
+        self._changes = changes
         self._events = events or NullSink()
         self._audit = audit
         self._marker_moves = marker_moves
@@ -73,3 +77,22 @@ class ChatService:
             await self._events.emit("message.read", read_event)  # stored before the move is reported
             self._hub.send_receipt(ref, user, cursor["read"], others)
         return ref, cursor
+
+    # ---- recall and edit (SPEC §14) -------------------------------------------------------------
+
+    async def recall(
+        self, principal: Principal, channel: str, message_id: object, data: Mapping[str, Any], via: str = "rest"
+    ) -> dict[str, Any]:
+        """Recall a message (sender within the window, or staff naming an operator): the changed
+        message, once it, its version, the audit entry, the event and the notice are stored."""
+        return await self._changes.recall(principal, channel, message_id, data, via)
+
+    async def edit(
+        self, principal: Principal, channel: str, message_id: object, data: Mapping[str, Any], via: str = "rest"
+    ) -> dict[str, Any]:
+        """Edit a message's content: the changed message (stored, versioned, noticed)."""
+        return await self._changes.edit(principal, channel, message_id, data, via)
+
+    async def message_history(self, principal: Principal, channel: str, message_id: str) -> dict[str, Any]:
+        """Every version of a message, oldest first (admin only; audited)."""
+        return await self._changes.history(principal, channel, message_id)

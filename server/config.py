@@ -137,10 +137,36 @@ class PushSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MessageSettings:
+    """[messages]: how long a sender may recall or edit its own message (SPEC §14); 0: never
+    (service and admin may at any time)."""
+
+    recall_window_secs: float = setting(600.0, ge=0)
+    edit_window_secs: float = setting(600.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReminderSettings:
     """[reminders]: message.unread_reminder after a message stays unread that long; 0: off."""
 
     after_secs: float = setting(0.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionSettings:
+    """[retention]: how long messages, audit entries and delivered webhook events are kept (SPEC §15).
+
+    Days; 0 keeps forever. pm and gm are the medical record (kept by default); system notices a year.
+    """
+
+    sm_days: int = setting(365, ge=0)
+    pm_days: int = setting(0, ge=0)
+    gm_days: int = setting(0, ge=0)
+    audit_days: int = setting(0, ge=0)
+    webhook_days: int = setting(7, ge=0)  # delivered events only; pending and failed ones stay
+    interval_hours: float = setting(24.0, gt=0)  # a purge at start-up, then this often
+    # Documents deleted per round trip; the purge yields to sends between batches.
+    batch_size: int = setting(1000, ge=1, le=100_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +201,10 @@ class Settings:
     webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
     push: PushSettings = dataclasses.field(default_factory=PushSettings)
     reminders: ReminderSettings = dataclasses.field(default_factory=ReminderSettings)
+    messages: MessageSettings = dataclasses.field(default_factory=MessageSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
 
     # The flat names the code used before the tables became dataclasses.
     @property

@@ -99,6 +99,8 @@ async def ensure_indexes(db: Database) -> None:
                     name="event_key",
                     partialFilterExpression={"eventKey": {"$exists": True}},
                 ),
+                # The notices about one message (models/recall.py: a recall empties its edit notices).
+                IndexModel([("target", ASCENDING)], name="notice_target", sparse=True),
                 # Who may read an attachment: messages whose content is the file id (models/files.py).
                 IndexModel(
                     [("content", ASCENDING)],
@@ -131,7 +133,10 @@ async def ensure_indexes(db: Database) -> None:
         ]
     )
     await db.groups.create_indexes([IndexModel([("members", ASCENDING)], name="members")])
+    # SPEC §14: a message's versions (models/recall.py); _id is "<message id>:<place>".
+    await db.message_versions.create_indexes([IndexModel([("messageId", ASCENDING)], name="message_id")])
     await ensure_audit_indexes(db)
+    await ensure_retention_indexes(db)
     await db.consultations.create_indexes(
         [
             IndexModel([("doctor", ASCENDING), ("startedAt", DESCENDING)], name="doctor_started"),
@@ -183,3 +188,15 @@ async def ensure_audit_indexes(db: Database) -> None:
             )
         ]
     )
+
+
+async def ensure_retention_indexes(db: Database) -> None:
+    """SPEC §15: what the purge walks (models/retention.py): messages by age, delivered webhook
+    events by delivery time ($eq status + a deliveredAt range: nx-27017 uses the compound index),
+    and the originals of changed messages by the file they carry."""
+    for name in MESSAGE_COLLECTIONS:
+        await db[name].create_indexes([IndexModel([("createdAt", ASCENDING)], name="created_at")])
+    await db.webhook_events.create_indexes(
+        [IndexModel([("status", ASCENDING), ("deliveredAt", ASCENDING)], name="status_delivered_at")]
+    )
+    await db.message_versions.create_indexes([IndexModel([("content", ASCENDING)], name="content")])

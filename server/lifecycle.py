@@ -114,6 +114,9 @@ async def serve(settings: Settings) -> int:
             await services.webhooks.ensure_indexes()
             services.webhooks.start()
             stack.push_async_callback(services.webhooks.stop)
+        # SPEC §15: a purge now (in the background, under the database lease), then every interval.
+        services.retention.start()
+        stack.push_async_callback(services.retention.stop)
         server = make_http_server(make_app(services), settings)
         server.add_sockets(sockets)
         log.info("serving; database %s ready", settings.db_name)

@@ -15,14 +15,18 @@ from models.consultations import ConsultationService
 from models.conversations import ConversationStore
 from models.database import Database
 from models.directory import UserDirectory
+from models.export import ExportService
 from models.files import FileStore
 from models.groups import GroupStore
+from models.holds import HoldService
 from models.inbox import Inbox
 from models.membership import GroupService
 from models.messages import MessageService
 from models.outbox import Outbox
 from models.presence import Presence
+from models.recall import ChangeWindows, MessageChanges
 from models.receipts import ReceiptService
+from models.retention import Purger, RetentionPolicy
 from server.accounts import AccountAdmin, AccountView
 from server.auth import TokenVerifier
 from server.chat import ChatService
@@ -32,6 +36,7 @@ from server.fanout import ChangeStreamFanout
 from server.hub import Hub
 from server.metrics import Metrics
 from server.ratelimit import SendRateLimiter
+from server.retention import LEASE_NAME, DatabaseLease, RetentionRunner
 from server.webhooks import Dispatcher, build_events
 
 CONCURRENT_BACKLOGS = 32
@@ -67,11 +72,28 @@ class Services:
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
+    # SPEC §15/§16: legal holds, the retention purge (under a database lease) and record exports.
+    holds: HoldService
+    retention: RetentionRunner
+    exports: ExportService
     # SPEC §11/§12: the durable outbox (admin API) and its dispatcher; None when no url is set.
     outbox: Outbox | None = None
     webhooks: Dispatcher | None = None
     # Follows the other processes' messages; None when change streams are off or unavailable.
     fanout: ChangeStreamFanout | None = None
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """[retention] as the purge applies it (models/retention.py)."""
+    table = settings.retention
+    return RetentionPolicy(
+        sm_days=table.sm_days,
+        pm_days=table.pm_days,
+        gm_days=table.gm_days,
+        audit_days=table.audit_days,
+        webhook_days=table.webhook_days,
+        batch_size=table.batch_size,
+    )
 
 
 def markers_write_concern(settings: Settings) -> WriteConcern:
@@ -126,6 +148,21 @@ def build_services(
         else None
     )
     inbox = Inbox(conversations, groups)
+    holds = HoldService(db, message_write_concern(settings), groups, conversations, audit=audit)
+    # SPEC §14: recall and edit, with every version kept (message_versions).
+    changes = MessageChanges(
+        db,
+        message_write_concern(settings),
+        messages,
+        conversations,
+        groups,
+        files,
+        send_limiter,
+        ChangeWindows(settings.messages.recall_window_secs, settings.messages.edit_window_secs),
+        settings.limits.max_content_chars,
+        audit=audit,
+        events=events,
+    )
     return Services(
         settings=settings,
         client=client,
@@ -156,10 +193,17 @@ def build_services(
         accounts=accounts,
         account_admin=AccountAdmin(account_store, accounts, audit=audit, events=events),
         metrics=metrics,
-        chat=ChatService(messages, inbox, hub, send_limiter, audit, receipts, events=events),
+        chat=ChatService(messages, inbox, hub, send_limiter, audit, receipts, events=events, changes=changes),
         audit=audit,
         receipts=receipts,
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
+        holds=holds,
+        retention=RetentionRunner(
+            Purger(db, retention_policy(settings), holds, audit=audit),
+            DatabaseLease(db, LEASE_NAME),
+            settings.retention.interval_hours,
+        ),
+        exports=ExportService(db, inbox, conversations, groups, audit=audit),
         fanout=fanout,
         outbox=outbox,
         webhooks=dispatcher,

@@ -991,3 +991,135 @@ def test_sdk_receipts_of_a_message(server: BrowserServer, pages: Pages) -> None:
     }
     assert result["refused"] == ["forbidden", 403]
     assert result["bad"] == "TypeError"
+
+
+# ---- recall and edit (SPEC §14) -------------------------------------------------------------------
+
+
+def test_sdk_recall_and_edit_resolve_with_the_changed_message_and_emit_events(
+    server: BrowserServer, pages: Pages
+) -> None:
+    page = pages.sdk_page(server)
+    result = run_js(
+        page,
+        """async ({url, doctorToken, patientToken}) => {
+        const doctor = new IMClient({url, token: doctorToken});
+        const patient = new IMClient({url, token: patientToken});
+        const seen = {doctor: [], patient: []};
+        for (const [name, client] of [['doctor', doctor], ['patient', patient]]) {
+            client.on('recalled', (m) => seen[name].push(['recalled', m.id, m.content, m.recalled, m.recalledBy]));
+            client.on('edited', (m) => seen[name].push(['edited', m.id, m.content, m.editCount, m.editedBy]));
+        }
+        const arrived = new Promise((resolve) => patient.on('message', (m) => { if (!m.event) resolve(m); }));
+        await Promise.all([doctor.connect(), patient.connect()]);
+        const sent = await doctor.sendP2P('RcPatient', 'take 500 mg');
+        await arrived;
+        const edited = await doctor.edit(sent, 'take 50 mg');
+        const refused = await patient.recall(sent).then(() => null, (e) => [e.code, e.name]);
+        const recalled = await doctor.recall('pm', sent.id);
+        const again = await doctor.recall(sent);
+        const afterRecall = await doctor.edit(sent, 'x').then(() => null, (e) => e.code);
+        const empty = await doctor.edit(sent, '  ').then(() => null, (e) => e.code);
+        const badRef = await doctor.recall({channel: 'pm'}).then(() => null, (e) => e.name);
+        const until = Date.now() + 5000;
+        while ((seen.patient.length < 2 || seen.doctor.length < 2) && Date.now() < until) {
+            await new Promise((r) => setTimeout(r, 20));
+        }
+        doctor.close();
+        patient.close();
+        return {sent, edited, refused, recalled, again, afterRecall, empty, badRef, seen};
+    }""",
+        {
+            "url": server.origin,
+            "doctorToken": server.token("RcDoctor", "doctor"),
+            "patientToken": server.token("RcPatient", "patient"),
+        },
+    )
+    sent_id = result["sent"]["id"]
+    assert result["edited"]["id"] == sent_id and result["edited"]["content"] == "take 50 mg"
+    assert result["edited"]["editCount"] == 1
+    assert result["refused"] == ["forbidden", "IMError"]
+    recalled = result["recalled"]
+    assert recalled["recalled"] is True and recalled["content"] == "" and recalled["recalledBy"] == "RcDoctor"
+    assert result["again"] == recalled
+    refusals = (result["afterRecall"], result["empty"], result["badRef"])
+    assert refusals == ("message_recalled", "invalid_field", "TypeError")
+    expected = [
+        ["edited", sent_id, "take 50 mg", 1, "RcDoctor"],
+        ["recalled", sent_id, "", True, "RcDoctor"],
+    ]
+    assert result["seen"] == {"doctor": expected, "patient": expected}
+    stored = server.history("RcPatient", "RcDoctor")
+    assert stored[0]["recalled"] is True
+    assert [m.get("event") for m in stored[1:]] == ["message.edited", "message.recalled"]
+
+
+@pytest.mark.parametrize("size", ["phone", "desktop"])
+def test_pages_let_the_sender_edit_and_recall_and_both_sides_see_it(
+    server: BrowserServer, pages: Pages, size: str
+) -> None:
+    touch = size == "phone"
+    doctor_id, patient_id = f"DrQian-{size}", f"Yun-{size}"
+    doctor = pages.open(
+        "doctor",
+        server.page_url("doctor.html", server.token(doctor_id, "doctor"), peer=patient_id),
+        device=DEVICES[size],
+    )
+    patient = pages.open(
+        "patient",
+        server.page_url("patient.html", server.token(patient_id, "patient"), peer=doctor_id),
+        device=DEVICES[size],
+    )
+    wait_online(doctor)
+    wait_online(patient)
+    doctor.locator("#input").fill("每天两次，每次500毫克")
+    press(doctor, "#send", touch)
+    wait_for_text(patient, "每次500毫克")
+    patient.locator("#input").fill("我把照片发错了")
+    press(patient, "#send", touch)
+    wait_for_text(doctor, "我把照片发错了")
+
+    # The doctor corrects the dose: Edit puts the text in the composer, Send saves the edit.
+    doctor_message = doctor.locator("#thread .msg.mine").last
+    assert_usable(doctor, "#thread .msg.mine .msg-actions .edit")
+    press(doctor, "#thread .msg.mine .msg-actions .edit", touch)
+    pw_expect(doctor.locator(".editing-bar")).to_be_visible()
+    pw_expect(doctor.locator("#input")).to_have_value("每天两次，每次500毫克")
+    doctor.locator("#input").fill("每天两次，每次50毫克")
+    assert_usable(doctor, ".editing-bar .cancel")
+    save_screenshot(doctor, f"edit-{size}-doctor")
+    press(doctor, "#send", touch)
+    pw_expect(doctor.locator(".editing-bar")).to_be_hidden()
+    pw_expect(doctor_message.locator(".text")).to_have_text("每天两次，每次50毫克")
+    pw_expect(doctor_message.locator(".edited")).to_have_text("Edited")
+    patient_copy = patient.locator("#thread .msg:not(.mine)").last
+    pw_expect(patient_copy.locator(".text")).to_have_text("每天两次，每次50毫克")
+    pw_expect(patient_copy.locator(".edited")).to_have_text("Edited")
+
+    # The patient recalls its message: both sides show a quiet line in its place.
+    assert_usable(patient, "#thread .msg.mine .msg-actions .recall")
+    press(patient, "#thread .msg.mine .msg-actions .recall", touch)
+    pw_expect(patient.locator("#thread .msg.mine.recalled .text")).to_have_text("You recalled a message")
+    pw_expect(doctor.locator("#thread .msg.recalled .text")).to_have_text(f"{patient_id} recalled a message")
+    pw_expect(patient.locator("#thread .msg.mine.recalled .msg-actions")).to_have_count(0)
+    # The notices are not bubbles of their own: two messages on each side.
+    for page in (doctor, patient):
+        pw_expect(page.locator("#thread .msg")).to_have_count(2)
+        assert "我把照片发错了" not in " ".join(thread_texts(page))
+        assert_no_sideways_scroll(page)
+    preview = doctor.locator(f'#conversations .conversation[data-peer="{patient_id}"] .preview')
+    pw_expect(preview).to_have_text(f"{patient_id} recalled a message")
+    # The console's received / read line under its own (edited) message is kept.
+    pw_expect(doctor_message.locator(".receipt-times")).to_have_text(re.compile(r"^Received .+ · Read .+$"))
+    save_screenshot(doctor, f"recall-{size}-doctor")
+    save_screenshot(patient, f"recall-{size}-patient")
+
+    # A reload shows the same (REST history has the changed messages and the notices).
+    for page in (doctor, patient):
+        page.reload()
+        wait_online(page)
+        pw_expect(page.locator("#thread .msg")).to_have_count(2)
+        pw_expect(page.locator("#thread .msg.recalled")).to_have_count(1)
+        pw_expect(page.locator("#thread .msg .edited")).to_have_count(1)
+    assert not pages.errors, pages.errors
+    assert not pages.dialogs, pages.dialogs

@@ -67,6 +67,14 @@ PINNED_CODES = {
     "EventNotFound": "event_not_found",  # SPEC §11 admin retry
     "EventNotFailed": "event_not_failed",
     "TokenRevoked": "token_revoked",  # SPEC §17
+    "WindowExpired": "window_expired",  # SPEC §14
+    "NotEditable": "not_editable",
+    "MessageRecalled": "message_recalled",
+    "MessageBusy": "message_busy",
+    "HoldNotFound": "hold_not_found",  # SPEC §15
+    "UnknownHoldTarget": "unknown_hold_target",
+    "PurgeRunning": "purge_running",
+    "LeaseLost": "purge_running",  # the purge lost its lease to another process
 }
 
 

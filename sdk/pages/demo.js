@@ -153,6 +153,20 @@
 
   // ---- a message thread ----------------------------------------------------------------------------
 
+  // SPEC §14: notices of a recall or an edit. A thread does not show them as bubbles: the message
+  // they are about shows the change in place ("You recalled a message", "Edited").
+  var NOTICE_EVENTS = { "message.recalled": true, "message.edited": true };
+  // Edit / Recall are offered under one's last few messages while the server's default window
+  // ([messages] recall_window_secs, edit_window_secs: 600) lasts; the server has the last word
+  // (403 window_expired).
+  var CHANGE_WINDOW_MS = 600 * 1000;
+  var CHANGE_LAST = 3;
+  var CHANGE_REFRESH_MS = 30 * 1000;
+
+  function isNotice(message) {
+    return !!(message && NOTICE_EVENTS[message.event]);
+  }
+
   /**
    * The <ol> of one conversation. Messages are keyed by id (each shown once, whatever the route:
    * history, backlog, live, ack) and kept in seq order; sends not yet acknowledged stay last.
@@ -161,7 +175,10 @@
     this.listEl = listEl;
     this.session = session;
     this.byId = new Map();
+    this.messages = new Map();  // id -> the message as shown
+    this.notices = new Set();   // ids of recall/edit notices seen (counted for read markers, not shown)
     this.pending = new Map();   // clientMsgId -> li
+    this.actions = null;        // {onEdit(message), onRecall(message)}: see enableActions()
     this.maxSeq = 0;
     this.maxSeqFromOthers = 0;
     this.peerReadSeq = 0;
@@ -170,21 +187,34 @@
   Thread.prototype.clear = function () {
     this.listEl.textContent = "";
     this.byId.clear();
+    this.messages.clear();
+    this.notices.clear();
     this.pending.clear();
     this.maxSeq = this.maxSeqFromOthers = this.peerReadSeq = 0;
   };
 
   Thread.prototype._build = function (message, mine) {
-    var li = el("li", "msg" + (mine ? " mine" : "") + (message.event ? " system" : ""));
+    var recalled = !!message.recalled;
+    var li = el("li", "msg" + (mine ? " mine" : "") + (message.event ? " system" : "") + (recalled ? " recalled" : ""));
     var bubble = el("div", "bubble");
     var text = el("span", "text");
-    text.appendChild(renderContent(this.session, message));
+    if (recalled) {
+      var by = message.recalledBy || message.from;
+      text.textContent = by === this.session.user ? "You recalled a message" : by + " recalled a message";
+    } else {
+      text.appendChild(renderContent(this.session, message));
+    }
     bubble.appendChild(text);
     li.appendChild(bubble);
     var meta = el("div", "meta");
-    if (!mine && !message.event && message.from) meta.appendChild(el("span", "from", message.from));
+    if (!mine && !message.event && message.from && !recalled) meta.appendChild(el("span", "from", message.from));
     meta.appendChild(el("time", "time", formatTime(message.createdAt)));
-    if (mine && !message.event) meta.appendChild(el("span", "state", ""));
+    if (message.editCount && !recalled) {
+      var edited = el("span", "edited", "Edited");
+      if (message.editedAt) edited.title = "Edited " + new Date(message.editedAt).toLocaleString();
+      meta.appendChild(edited);
+    }
+    if (mine && !message.event && !recalled) meta.appendChild(el("span", "state", ""));
     li.appendChild(meta);
     return li;
   };
@@ -210,8 +240,18 @@
 
   /** Show a stored message once (quiet: keep the scroll position); false if already shown. */
   Thread.prototype.add = function (message, quiet) {
-    if (!message || this.byId.has(message.id)) return false;
+    if (!message) return false;
     var mine = message.from === this.session.user;
+    if (isNotice(message)) {
+      // Not shown (the SDK's recalled / edited events change the message itself), but it is the
+      // newest message of the conversation: read markers go up to it.
+      if (this.notices.has(message.id)) return false;
+      this.notices.add(message.id);
+      this.maxSeq = Math.max(this.maxSeq, message.seq || 0);
+      if (!mine) this.maxSeqFromOthers = Math.max(this.maxSeqFromOthers, message.seq || 0);
+      return true;
+    }
+    if (this.byId.has(message.id)) return false;
     if (mine && message.clientMsgId && this.pending.has(message.clientMsgId)) {
       // Our own send, delivered (e.g. after a reconnect) before its ack: the pending bubble is it.
       var stale = this.pending.get(message.clientMsgId);
@@ -223,12 +263,64 @@
     li.dataset.seq = String(message.seq);
     if (message.event) li.dataset.event = message.event;
     this.byId.set(message.id, li);
+    this.messages.set(message.id, message);
     this._place(li, message.seq);
     if (mine) this._setState(li, message.seq <= this.peerReadSeq ? "Read" : "Sent", message.seq <= this.peerReadSeq);
     this.maxSeq = Math.max(this.maxSeq, message.seq || 0);
     if (!mine) this.maxSeqFromOthers = Math.max(this.maxSeqFromOthers, message.seq || 0);
+    this.renderActions();
     if (!quiet) this.scrollToEnd();
     return true;
+  };
+
+  /** A shown message, recalled or edited (the SDK's events, or a recall/edit's answer): redrawn in place. */
+  Thread.prototype.applyChange = function (message) {
+    var old = message && this.byId.get(message.id);
+    if (!old) return false;
+    var li = this._build(message, old.classList.contains("mine"));
+    li.dataset.id = old.dataset.id;
+    li.dataset.seq = old.dataset.seq;
+    var state = old.querySelector(".state");
+    if (state) this._setState(li, state.textContent, state.classList.contains("read"));
+    old.replaceWith(li);
+    this.byId.set(message.id, li);
+    this.messages.set(message.id, message);
+    this.renderActions();
+    return true;
+  };
+
+  /**
+   * Offer Edit (text only) and Recall under the user's last CHANGE_LAST messages while the window
+   * lasts; actions = {onEdit(message), onRecall(message)}.
+   */
+  Thread.prototype.enableActions = function (actions) {
+    var self = this;
+    this.actions = actions;
+    this.renderActions();
+    global.setInterval(function () { self.renderActions(); }, CHANGE_REFRESH_MS);
+  };
+
+  Thread.prototype.renderActions = function () {
+    var self = this;
+    Array.prototype.forEach.call(this.listEl.querySelectorAll(".msg-actions"), function (node) { node.remove(); });
+    if (!this.actions) return;
+    var mine = Array.prototype.slice.call(this.listEl.querySelectorAll(".msg.mine[data-id]:not(.system):not(.recalled)"));
+    mine.slice(-CHANGE_LAST).forEach(function (li) {
+      var message = self.messages.get(li.dataset.id);
+      if (!message || Date.now() - new Date(message.createdAt).getTime() > CHANGE_WINDOW_MS) return;
+      var row = el("div", "msg-actions");
+      if ((Number(message.contentType) || 1) === 1) {
+        var editButton = el("button", "link-button edit", "Edit");
+        editButton.type = "button";
+        editButton.addEventListener("click", function () { self.actions.onEdit(self.messages.get(message.id)); });
+        row.appendChild(editButton);
+      }
+      var recallButton = el("button", "link-button recall", "Recall");
+      recallButton.type = "button";
+      recallButton.addEventListener("click", function () { self.actions.onRecall(self.messages.get(message.id)); });
+      row.appendChild(recallButton);
+      li.appendChild(row);
+    });
   };
 
   /** A send on its way: shown at once, confirmed by confirm() or marked by fail(). */
@@ -434,6 +526,47 @@
     });
   }
 
+  /**
+   * The composer's edit mode: start(message) puts its text in the box under an "Editing message ·
+   * Cancel" bar; take() returns the message being edited (and leaves edit mode), or null for a send.
+   */
+  function editState(form, textarea) {
+    var editing = null;
+    var bar = el("div", "editing-bar");
+    bar.hidden = true;
+    bar.appendChild(el("span", "label", "Editing message"));
+    var cancel = el("button", "link-button cancel", "Cancel");
+    cancel.type = "button";
+    bar.appendChild(cancel);
+    form.parentNode.insertBefore(bar, form);
+    var submit = form.querySelector('button[type="submit"]');
+    var submitLabel = submit ? submit.textContent : "";
+    function stop() {
+      editing = null;
+      bar.hidden = true;
+      if (submit) submit.textContent = submitLabel;
+    }
+    cancel.addEventListener("click", function () {
+      stop();
+      textarea.value = "";
+    });
+    return {
+      start: function (message) {
+        editing = message;
+        bar.hidden = false;
+        if (submit) submit.textContent = "Save";
+        textarea.value = message.content;
+        textarea.focus();
+      },
+      take: function () {
+        var message = editing;
+        stop();
+        return message;
+      },
+      stop: stop
+    };
+  }
+
   /** Mark read up to the thread's newest message once the page is visible (coalesced). */
   function readMarker(client, spec, thread) {
     var sent = 0;
@@ -472,6 +605,8 @@
     showBanner: showBanner,
     showLogin: showLogin,
     bindComposer: bindComposer,
+    editState: editState,
+    isNotice: isNotice,
     readMarker: readMarker
   };
 })(window);

@@ -115,6 +115,7 @@
     $("peer-avatar").textContent = D.initials(peer);
     $("input").disabled = $("send").disabled = false;
     D.writeFragment(session, { peer: peer });
+    if (editing) editing.stop();
     thread.clear();
     thread.applyReceipt(conv.peerReadSeq);
     reads.reset();
@@ -129,6 +130,7 @@
   /** Back to the list (phones show one or the other): no thread is open, so nothing is read. */
   function closeConversation() {
     active = null;
+    if (editing) editing.stop();
     pager.stop();
     thread.clear();
     reads.reset();
@@ -166,7 +168,7 @@
     refresh: function () {
       var peer = active;
       if (!peer) return;
-      var mine = Array.prototype.slice.call($("thread").querySelectorAll(".msg.mine[data-id]:not(.system)"));
+      var mine = Array.prototype.slice.call($("thread").querySelectorAll(".msg.mine[data-id]:not(.system):not(.recalled)"));
       var last = mine.slice(-RECEIPT_LAST);
       // An older message keeps its line only when it is complete (final); a partial one would go stale.
       mine.slice(0, -RECEIPT_LAST).forEach(function (li) {
@@ -195,7 +197,7 @@
     var line = li.querySelector(".receipt-times");
     if (!line) {
       line = D.el("div", "receipt-times");
-      li.appendChild(line);
+      li.insertBefore(line, li.querySelector(".msg-actions"));  // above Edit / Recall, if shown
     }
     var parts = [r.receivedAt ? "Received " + D.formatTime(r.receivedAt) : "Not received yet"];
     if (r.readAt) parts.push("Read " + D.formatTime(r.readAt));
@@ -258,9 +260,11 @@
     consultationAction(D.api(session, "/api/v1/consultations/" + encodeURIComponent(c.id) + "/end", { method: "POST", body: {} }));
   });
 
-  /** The patient of a pm message (consultation events name it: their sender may be staff). */
+  /** The patient of a pm message (consultation events and recall/edit notices name both parties:
+   * their sender may be staff). */
   function peerOf(m) {
     if (typeof m.patient === "string") return Promise.resolve(m.patient);
+    if (Array.isArray(m.parties)) return Promise.resolve(m.parties[0] === me ? m.parties[1] : m.parties[0]);
     return Promise.resolve(m.from === me ? m.to : m.from);
   }
 
@@ -285,6 +289,23 @@
       if (peer === active && m.from === peer) receipts.schedule();
     });
   });
+  // Recall and edit (SPEC §14): the message changes in place; the list's preview is the notice.
+  client.on("recalled", function (m) { thread.applyChange(m); });
+  client.on("edited", function (m) {
+    if (thread.applyChange(m)) receipts.schedule();
+  });
+  var editing = D.editState($("composer"), $("input"));
+  function changeFailed(what) {
+    return function (error) { D.showBanner($("banner"), "Could not " + what + " the message: " + error.message, true); };
+  }
+  thread.enableActions({
+    onEdit: function (m) { editing.start(m); },
+    onRecall: function (m) {
+      editing.stop();
+      client.recall(m).then(function (changed) { thread.applyChange(changed); }, changeFailed("recall"));
+    }
+  });
+
   client.on("receipt", function (r) {
     if (r.channel === "pm") notePeerRead(r.user, r.seq);
     if (r.channel === "pm" && r.user === active) receipts.schedule();
@@ -299,6 +320,13 @@
 
   D.bindComposer($("composer"), $("input"), function (text) {
     if (!active) return;
+    var target = editing.take();
+    if (target) {
+      client.edit(target, text).then(function (changed) {
+        if (thread.applyChange(changed)) receipts.schedule();
+      }, changeFailed("edit"));
+      return;
+    }
     var to = active;
     var clientMsgId = window.IMClient.newId();
     thread.addPending(clientMsgId, text);

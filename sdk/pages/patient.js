@@ -35,7 +35,8 @@
     var me = session.user;
     var peer = session.peer;
     if ((m.from === me && m.to === peer) || (m.from === peer && m.to === me)) return true;
-    // Consultation events name both parties (their operator, `from`, may be staff).
+    // Consultation events and recall/edit notices name both parties (their operator, `from`, may be staff).
+    if (Array.isArray(m.parties)) return m.parties.indexOf(me) >= 0 && m.parties.indexOf(peer) >= 0;
     return m.patient === me && m.doctor === peer;
   }
 
@@ -51,12 +52,32 @@
       reads.schedule();
     }
   });
+  // Recall and edit (SPEC §14): the message changes in place, on both sides.
+  client.on("recalled", function (m) { thread.applyChange(m); });
+  client.on("edited", function (m) { thread.applyChange(m); });
+  var editing = D.editState($("composer"), $("input"));
+  function changeFailed(what) {
+    return function (error) { D.showBanner($("banner"), "Could not " + what + " the message: " + error.message, true); };
+  }
+  thread.enableActions({
+    onEdit: function (m) { editing.start(m); },
+    onRecall: function (m) {
+      editing.stop();
+      client.recall(m).then(function (changed) { thread.applyChange(changed); }, changeFailed("recall"));
+    }
+  });
+
   client.on("receipt", function (r) {
     if (r.channel === "pm" && r.user === session.peer) thread.applyReceipt(r.seq);
   });
   client.on("connected", function () { D.showBanner($("banner"), ""); });
 
   D.bindComposer($("composer"), $("input"), function (text) {
+    var target = editing.take();
+    if (target) {
+      client.edit(target, text).then(function (changed) { thread.applyChange(changed); }, changeFailed("edit"));
+      return;
+    }
     var clientMsgId = window.IMClient.newId();
     thread.addPending(clientMsgId, text);
     client.sendP2P(session.peer, text, { clientMsgId: clientMsgId }).then(function (message) {
