@@ -15,7 +15,7 @@ from server.config import Settings, load_settings
 from server.db import create_client, ensure_indexes
 from server.services import build_services
 from tests.helpers import Api, wait_until
-from tests.processes import ROOT, MongoProcess
+from tests.processes import ROOT, MongoProcess, ServerProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +112,15 @@ def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IM_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def cluster(mongo, tmp_path):
+    """Two server processes started exactly as the test profile starts them: no IM_CHANGE_STREAMS."""
+    db_name = f"c_{uuid.uuid4().hex[:10]}"
+    processes = [ServerProcess(free_port(), mongo.uri, db_name, tmp_path / f"server-{i}.log") for i in range(2)]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.stop()

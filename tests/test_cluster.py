@@ -7,7 +7,6 @@ import contextlib
 import json
 import signal
 import time
-import uuid
 
 import pytest
 from pymongo import AsyncMongoClient, monitoring
@@ -21,18 +20,6 @@ from tests.processes import ServerProcess, free_port
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster(mongo, tmp_path):
-    """Two server processes started exactly as the test profile starts them: no IM_CHANGE_STREAMS."""
-    db_name = f"c_{uuid.uuid4().hex[:10]}"
-    processes = [ServerProcess(free_port(), mongo.uri, db_name, tmp_path / f"server-{i}.log") for i in range(2)]
-    for process in processes:
-        process.start()
-    yield processes
-    for process in processes:
-        process.stop()
 
 
 async def post(process: ServerProcess, path: str, body: dict, sub: str, role: str) -> tuple[int, dict]:

@@ -519,17 +519,6 @@ class TestWebhookEvents:
 SECRET = "test-secret-0123456789abcdef0123456789"
 
 
-@pytest.fixture
-def cluster(mongo, tmp_path):
-    db_name = f"r_{uuid.uuid4().hex[:10]}"
-    processes = [ServerProcess(free_port(), mongo.uri, db_name, tmp_path / f"server-{i}.log") for i in range(2)]
-    for process in processes:
-        process.start()
-    yield processes
-    for process in processes:
-        process.stop()
-
-
 async def call(process: ServerProcess, method: str, path: str, body: Any, sub: str, role: str) -> tuple[int, Any]:
     request = HTTPRequest(
         process.base_url + path,
