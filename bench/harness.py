@@ -264,6 +264,20 @@ class Stack:
         )
         return data
 
+    def db_operations(self) -> float | None:
+        """Database commands the server has sent so far (its /metrics; None when metrics are off)."""
+        request = urllib.request.Request(self.base_url + "/metrics", headers={"Authorization": f"Bearer {self._admin}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, TimeoutError, OSError):
+            return None
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("im_db_operation_duration_seconds_count{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def wait_sockets(self, count: int, timeout: float = 60.0, exact: bool = True) -> int:
         """Wait until the server's hub holds `count` sockets (or at least, when exact is False)."""
         deadline = time.monotonic() + timeout
@@ -303,6 +317,7 @@ class CpuMeter:
     """CPU seconds used by the server, nx-27017 and this load generator over a phase."""
 
     def __init__(self, stack: Stack, extra: dict[str, psutil.Process] | None = None):
+        self.stack = stack
         self.procs = {**stack.procs(), "loadgen": psutil.Process(), **(extra or {})}
         self.start: dict[str, float] = {}
         self.wall0 = 0.0
@@ -313,6 +328,7 @@ class CpuMeter:
         return t.user + t.system
 
     def __enter__(self) -> CpuMeter:
+        self.ops0 = self.stack.db_operations()
         self.wall0 = time.perf_counter()
         self.start = {k: self._cpu(p) for k, p in self.procs.items()}
         return self
@@ -320,11 +336,19 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.wall0
         self.used = {k: self._cpu(p) - self.start[k] for k, p in self.procs.items()}
+        ops1 = self.stack.db_operations()
+        self.ops = ops1 - self.ops0 if ops1 is not None and self.ops0 is not None else None
 
-    def summary(self) -> dict[str, float]:
-        """CPU seconds per process and as a share of one core over the wall time."""
+    def summary(self, messages: int | None = None) -> dict[str, float]:
+        """CPU seconds per process and as a share of one core over the wall time; with messages,
+        also server and database CPU µs per message and database operations per message."""
         out = {f"cpu_{k}_s": round(v, 2) for k, v in self.used.items()}
         out.update({f"cpu_{k}_pct": round(100 * v / self.wall, 1) for k, v in self.used.items()})
+        if messages:
+            out["server_us_per_msg"] = round(1e6 * self.used["server"] / messages)
+            out["db_us_per_msg"] = round(1e6 * self.used["nx"] / messages)
+            if self.ops is not None:
+                out["db_ops_per_msg"] = round(self.ops / messages, 2)
         return out
 
 

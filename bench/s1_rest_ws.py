@@ -2,7 +2,11 @@
 
 Figures: delivered messages per second end to end (first POST start → last socket receipt), latency
 from POST start to socket receipt (p50/p95/p99), lost (accepted with 201 but never received),
-duplicates, and the CPU each process used.
+duplicates, the CPU each process used, and per message: server and database CPU µs and database
+operations.
+
+    .venv/bin/python -m bench.s1_rest_ws                  # 10 doctors, 100 patients, C=64
+    .venv/bin/python -m bench.s1_rest_ws --table          # one sender, C=32, R=50, M=2000, webhooks live
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import aiohttp
 from websockets.asyncio.client import connect
 
 from bench.harness import CpuMeter, Stack, latency_figures, token, ws_connect_kwargs
+from bench.receiver import SECRET, Receiver
 
 
 class Receivers:
@@ -149,7 +154,7 @@ async def run_once(
         "msgs_per_s": round(len(got) / (last - t0), 1) if got else 0.0,
         "posts_per_s": round(len(accepted) / (posts_done - t0), 1),
         **latency_figures(lat),
-        **cpu.summary(),
+        **cpu.summary(messages),
     }
     return result
 
@@ -193,15 +198,29 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument(
+        "--table",
+        action="store_true",
+        help="issue 20's load: one sender, C=32, R=50 recipients, M=2000, webhooks to a live receiver",
+    )
+    parser.add_argument(
         "--metrics", choices=("on", "off"), default="on", help="[metrics] enabled (SPEC §17 cost, side by side)"
     )
     parser.add_argument("--audit", choices=("on", "off"), default="on", help="[audit] enabled (SPEC §13 cost)")
+    parser.add_argument(
+        "--webhooks", choices=("off", "live"), default="off", help="SPEC §11 events to a receiver answering at once"
+    )
     parser.add_argument("--mark-received", action="store_true", help="receivers send `received` like the SDK")
     args = parser.parse_args()
+    if args.table:
+        args.doctors, args.patients, args.messages, args.concurrency, args.webhooks = 1, 50, 2000, 32, "live"
     env = {
         "IM_METRICS_ENABLED": "true" if args.metrics == "on" else "false",
         "IM_AUDIT_ENABLED": "true" if args.audit == "on" else "false",
     }
+    receiver = None
+    if args.webhooks == "live":
+        receiver = Receiver("fast")
+        env.update({"IM_WEBHOOKS_URL": receiver.start(), "IM_WEBHOOKS_SECRET": SECRET})
     with Stack("s1", server_env=env) as stack:
         asyncio.run(
             scenario(
@@ -214,6 +233,8 @@ def main() -> None:
                 mark_received=args.mark_received,
             )
         )
+    if receiver is not None:
+        print(f"  s1: the webhook receiver got {receiver.received} events", flush=True)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ async def run_once(stack: Stack, patients: list[Patient], per_patient: int, wind
         "errors": run.errors,
         "msgs_per_s": round(len(got) / (last - t0), 1) if got else 0.0,
         **latency_figures(lat),
-        **cpu.summary(),
+        **cpu.summary(per_patient * len(patients)),
     }
 
 

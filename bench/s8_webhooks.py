@@ -13,56 +13,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import threading
 from typing import Any
 
-from aiohttp import web
-
-from bench.harness import Stack, free_port
+from bench.harness import Stack
+from bench.receiver import SECRET, Receiver
 from bench.s1_rest_ws import scenario
-
-SLOW_ANSWER_SECS = 5.0
-SECRET = "bench-webhook-secret-0123456789"
-
-
-class Receiver:
-    """An HTTP receiver on its own thread and loop (so it never competes with the load's loop)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.port = free_port()
-        self.received = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-        self._loop.run_forever()
-
-    async def _serve(self) -> None:
-        if self.mode == "dead":
-            await asyncio.start_server(self._never_answer, "127.0.0.1", self.port)
-            return
-        app = web.Application()
-        app.router.add_post("/hook", self._slow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-
-    async def _slow(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.received += 1
-        await asyncio.sleep(SLOW_ANSWER_SECS)
-        return web.Response(text="ok")
-
-    async def _never_answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(65536)
-        await asyncio.sleep(3600)
-
-    def start(self) -> str:
-        self._thread.start()
-        return f"http://127.0.0.1:{self.port}/hook"
 
 
 def run_mode(mode: str, messages: int, concurrency: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from bson.errors import InvalidDocument, InvalidStringData
-from pymongo import UpdateOne
+from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, WriteConcernError
 
@@ -145,4 +145,36 @@ class BatchedUpdates:
             await self._collection.bulk_write(list(operations), ordered=False)
         except BulkWriteError as exc:
             return _per_item_errors(exc, len(operations), ignore_duplicates=True)
+        return {}
+
+
+class BatchedMarks:
+    """mark(claim, id) resolves once `$set: fields()` is applied to the document `id` if it is
+    still held by `claim` (in claim_field). Concurrent marks go in one bulk write with one
+    UpdateMany per claim: nx-27017 applies an update by `_id $in` for far less per document than
+    the same number of UpdateOne (a dispatcher marking its deliveries, server/webhooks.py)."""
+
+    def __init__(
+        self, collection: AsyncCollection[dict[str, Any]], claim_field: str, fields: Callable[[], dict[str, Any]]
+    ):
+        self._collection = collection
+        self._claim_field = claim_field
+        self._fields = fields
+        self._batcher: _Batcher[tuple[str, Any]] = _Batcher(self._flush)
+
+    async def mark(self, claim: str, doc_id: Any) -> None:
+        await self._batcher.submit((claim, doc_id))
+
+    async def _flush(self, marks: Sequence[tuple[str, Any]]) -> dict[int, Exception]:
+        by_claim: dict[str, list[Any]] = {}
+        for claim, doc_id in marks:
+            by_claim.setdefault(claim, []).append(doc_id)
+        fields = self._fields()
+        await self._collection.bulk_write(
+            [
+                UpdateMany({"_id": {"$in": ids}, self._claim_field: claim}, {"$set": fields})
+                for claim, ids in by_claim.items()
+            ],
+            ordered=False,
+        )
         return {}

@@ -257,6 +257,8 @@ class MessageService:
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
                 doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields, "seq": seq, "createdAt": utcnow()}
+                hook = self._events.message_fields()  # its message.created is stored with it
+                doc.update(hook)
                 try:
                     await inserts.insert(doc)
                 except DuplicateKeyError:
@@ -264,7 +266,7 @@ class MessageService:
                     if original is not None:
                         _check_same_request(original, draft)
                         wire = message_to_wire(original)
-                        await self._events.emit("message.created", {"message": wire}, event_id=wire["id"])
+                        await self._events.message_created(ref.channel, wire, {})  # its event is stored
                         # A retry: finish what the first attempt may not have (summary,
                         # delivery); both are idempotent and sockets drop what they have.
                         await self._conversations.record_message(ref, original, draft.summary_members)
@@ -286,7 +288,7 @@ class MessageService:
                 # A group sender's own seq (pm/sm keep theirs in the summary): exact unread counts.
                 await self._conversations.record_own_message(ref, doc, draft.recipients)
                 wire = message_to_wire(doc)
-                await self._events.emit("message.created", {"message": wire}, event_id=wire["id"])  # before publish/ack
+                await self._events.message_created(ref.channel, wire, hook)  # before publish/ack
                 # Published inside the lock so every socket sees a conversation in seq order.
                 self._publisher.publish_message(ref, wire, draft.recipients, origin)
                 return wire, True

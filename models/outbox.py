@@ -15,13 +15,26 @@ batch claim that holds it), `ageFrom` (unix seconds max_age counts from; reset b
 ("pending"/"done": message.created still to be turned into push.needed / reminders;
 `planLeaseUntil` and `planClaim` lease it to one planner). Times the dispatcher compares are
 numbers, not dates: nx-27017 compares dates at whole seconds.
+
+message.created is the one event that is not a document of its own: it is the message. A message
+stored while a webhook wants message.created carries its event's delivery state in its own document
+(HOOK_FIELDS: `hook` pending/delivered/failed, `hookDue`, `hookClaim`, `hookAttempts`, `hookAgeFrom`,
+`hookError`, `hookDeliveredAt`; the same meaning as the event fields above), so the journaled insert
+that stores the message stores its event too: no second document per send (on nx-27017 a document
+costs about as much CPU as everything else a send does). It is born leased to the process that
+stored it (`hookDue` a lease ahead, `hookClaim` that process's token), whose dispatcher delivers it
+from memory; if that process dies, another claims it from the database once the lease runs out. Its
+event id is the message id, its payload the message as stored (`message_to_wire`), and it lives as
+long as the message (retention's `webhook_days` is for the other events). Only when the push planner
+needs the message (an offline recipient, reminders) is a `planned` event document stored as well.
 """
 
 from __future__ import annotations
 
 import datetime
+import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -38,6 +51,9 @@ PUSH_TYPES = frozenset({"push.needed", "message.unread_reminder"})
 # What include_content=false leaves out of every payload (SPEC §11).
 CONTENT_FIELDS = ("content", "title", "summary")
 STATUSES = ("pending", "failed", "delivered")
+MESSAGE_COLLECTIONS = ("sm", "pm", "gm")
+MESSAGE_CREATED = "message.created"
+HOOK_FIELDS = ("hook", "hookDue", "hookClaim", "hookAttempts", "hookAgeFrom", "hookError", "hookDeliveredAt")
 
 
 class EventSink(Protocol):
@@ -50,11 +66,26 @@ class EventSink(Protocol):
 
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None: ...
 
+    def message_fields(self) -> dict[str, Any]:
+        """The fields a message about to be stored carries for its message.created event ({}: none)."""
+        ...
+
+    async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
+        """A message is stored (with `hook`, what message_fields gave it; {} for a repeated send):
+        hand its event to this process's dispatcher and store what the push planner needs."""
+        ...
+
 
 class NullSink:
     """No receiver configured: events go nowhere (and cost nothing)."""
 
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None:
+        return None
+
+    def message_fields(self) -> dict[str, Any]:
+        return {}
+
+    async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
         return None
 
 
@@ -100,8 +131,18 @@ class Outbox:
         stored: Callable[[dict[str, Any]], None],
         plan_lease_secs: float = 60.0,
         needs_plan: Callable[[dict[str, Any]], bool] = lambda message: True,
+        message_stored: Callable[[str, dict[str, Any], Mapping[str, Any]], None] = lambda *_: None,
+        born_lease: Callable[[], float] = lambda: 0.0,
+        local_claim: str = "",
     ):
         self._collection = db.get_collection(COLLECTION, write_concern=write_concern)
+        self._messages = {ch: db.get_collection(ch, write_concern=write_concern) for ch in MESSAGE_COLLECTIONS}
+        # message_stored(channel, message, hook): a message with its event is stored (to the
+        # dispatcher's memory); born_lease(): seconds a new message's event is leased to this
+        # process (0: the dispatcher has no room in memory, let it be claimed from the database).
+        self._message_stored = message_stored
+        self._born_lease = born_lease
+        self._local_claim = local_claim
         self._inserts = BatchedInserts(self._collection)
         self._events = tuple(events)
         self._include_content = include_content
@@ -130,9 +171,9 @@ class Outbox:
             return None
         # A message whose recipients all have a socket here needs no push and no reminder: decided
         # now, in memory, so the planner never rewrites (or even stores) its event.
-        plan = type_ == "message.created" and self._plan_messages and self._needs_plan(data["message"])
-        if status == "planned" and not plan:
-            return None
+        plan = type_ == MESSAGE_CREATED and self._plan_messages and self._needs_plan(data["message"])
+        if type_ == MESSAGE_CREATED and not plan:
+            return None  # its delivery state is in the message document
         now = time.time()
         doc: dict[str, Any] = {
             "_id": event_id or str(ObjectId()),
@@ -156,10 +197,35 @@ class Outbox:
 
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None:
         """Store the event (journaled, batched with others); a repeat of a keyed event is a no-op."""
+        if type == MESSAGE_CREATED:
+            raise TypeError("message.created is stored with its message: use message_fields/message_created")
         doc = self.build(type, data, event_id=event_id)
         if doc is None:
             return
         await self.store(doc)
+
+    def message_fields(self) -> dict[str, Any]:
+        if self.status_for(MESSAGE_CREATED) != "pending":
+            return {}
+        now = time.time()
+        lease = self._born_lease()
+        return {
+            "hook": "pending",
+            "hookDue": now + lease,
+            "hookClaim": self._local_claim if lease > 0 else None,
+            "hookAttempts": 1 if lease > 0 else 0,  # born leased: the attempt from memory is claimed
+            "hookAgeFrom": now,
+        }
+
+    async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
+        if self._plan_messages and self._needs_plan(message):
+            # The planner's share of the event; its delivery state is in the message (see above).
+            plan = self.build(MESSAGE_CREATED, {"message": message}, event_id=message["id"])
+            if plan is not None:
+                plan["status"] = "planned"
+                await self.store(plan)
+        if hook.get("hookClaim") and hook["hookClaim"] == self._local_claim:
+            self._message_stored(channel, message, hook)
 
     async def store(self, doc: dict[str, Any]) -> None:
         try:
@@ -171,14 +237,19 @@ class Outbox:
     # ---- the admin API (SPEC §11) ---------------------------------------------------------------
 
     async def list_events(self, status: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
-        """Newest first: {"events": [...], "next"}."""
+        """Newest first: {"events": [...], "next"}; message.created from the messages themselves."""
         filter_: dict[str, Any] = {"status": status} if status else {"status": {"$in": list(STATUSES)}}
+        hooks: dict[str, Any] = {"hook": status} if status else {"hook": {"$in": list(STATUSES)}}
         if cursor is not None:
-            filter_["_id"] = {"$lt": cursor}
-        found = await self._collection.find(filter_).sort("_id", -1).limit(limit + 1).to_list()
-        page = found[:limit]
-        more = len(found) > limit
-        return {"events": [event_to_wire(doc) for doc in page], "next": page[-1]["_id"] if more and page else None}
+            filter_["_id"] = hooks["_id"] = {"$lt": cursor}
+        pages = [[event_to_wire(doc) async for doc in self._collection.find(filter_).sort("_id", -1).limit(limit + 1)]]
+        for collection in self._messages.values():
+            found = collection.find(hooks, {"createdAt": 1, **dict.fromkeys(HOOK_FIELDS, 1)})
+            pages.append([hook_to_wire(doc) async for doc in found.sort("_id", -1).limit(limit + 1)])
+        merged = list(heapq.merge(*pages, key=lambda event: event["id"], reverse=True))
+        page = merged[:limit]
+        more = len(merged) > limit
+        return {"events": page, "next": page[-1]["id"] if more and page else None}
 
     async def retry(self, event_id: str) -> dict[str, Any]:
         """A failed event queued again: attempts start from 1, max_age counts from now."""
@@ -188,12 +259,25 @@ class Outbox:
             {"$set": {"status": "pending", "attempts": 0, "dueAt": now, "leaseUntil": 0.0, "ageFrom": now}},
             return_document=True,
         )
-        if doc is None:
-            if await self._collection.find_one({"_id": event_id}, {"_id": 1}) is None:
-                raise EventNotFound(f"event {event_id!r} does not exist")
+        if doc is not None:
+            self._stored(doc)
+            return event_to_wire(doc)
+        for collection in self._messages.values():
+            message = await collection.find_one_and_update(
+                {"_id": event_id, "hook": "failed"},
+                {"$set": {"hook": "pending", "hookAttempts": 0, "hookDue": now, "hookClaim": None, "hookAgeFrom": now}},
+                projection={"createdAt": 1, **dict.fromkeys(HOOK_FIELDS, 1)},
+                return_document=True,
+            )
+            if message is not None:
+                self._stored({})  # wakes the dispatcher
+                return hook_to_wire(message)
+        if await self._collection.find_one({"_id": event_id}, {"_id": 1}) is not None:
             raise EventNotFailed(f"event {event_id!r} has not failed; only failed events are retried")
-        self._stored(doc)
-        return event_to_wire(doc)
+        for collection in self._messages.values():
+            if await collection.find_one({"_id": event_id, "hook": {"$in": list(STATUSES)}}, {"_id": 1}):
+                raise EventNotFailed(f"event {event_id!r} has not failed; only failed events are retried")
+        raise EventNotFound(f"event {event_id!r} does not exist")
 
 
 def event_to_wire(doc: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +291,21 @@ def event_to_wire(doc: dict[str, Any]) -> dict[str, Any]:
         "lastError": doc.get("lastError"),
         "nextAttemptAt": iso_from_unix(due) if pending and isinstance(due, int | float) else None,
         "createdAt": doc["createdAt"],
+    }
+
+
+def hook_to_wire(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's message.created event as the admin API lists it."""
+    due = message.get("hookDue")
+    pending = message.get("hook") == "pending"
+    return {
+        "id": message["_id"],
+        "type": MESSAGE_CREATED,
+        "status": message["hook"],
+        "attempts": message.get("hookAttempts", 0),
+        "lastError": message.get("hookError"),
+        "nextAttemptAt": iso_from_unix(due) if pending and isinstance(due, int | float) else None,
+        "createdAt": iso(message["createdAt"]),
     }
 
 

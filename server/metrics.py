@@ -137,10 +137,15 @@ class Metrics:
     # ---- scrape ------------------------------------------------------------------------------
 
     async def exposition(self, db: Database) -> bytes:
-        """The text exposition, with the webhook outbox counted now (three indexed counts)."""
+        """The text exposition, with the webhook outbox counted now: stored events, and the
+        message.created events messages carry themselves (models/outbox.py; indexed counts)."""
         for status in WEBHOOK_STATUSES:
             try:
                 count = await db.webhook_events.count_documents({"status": status}, maxTimeMS=OUTBOX_COUNT_MAX_MS)
+                for channel in ("sm", "pm", "gm"):
+                    count += await db[channel].count_documents(
+                        {"hook": {"$eq": status}, "hookDue": {"$gte": 0}}, maxTimeMS=OUTBOX_COUNT_MAX_MS
+                    )
             except PyMongoError as exc:
                 log.warning("metrics: cannot count webhook events: %s", exc)
                 break

@@ -14,9 +14,11 @@ Every query names `status` (or `plan`) with `$eq`: nx-27017 uses the compound in
 and would otherwise scan every stored event on every claim.
 
 A send never waits for it: emit() only stores; the HTTP POST happens here, later. A receiver that
-answers non-2xx, redirects (follow_redirects=False), answers garbage, hangs past timeout_secs or
+answers non-2xx, redirects (not followed), answers garbage, hangs past timeout_secs or
 refuses the connection is a failed attempt, retried after 1 s, 2 s, 4 s … (at most
-retry_max_secs apart) until max_age_hours, then the event is `failed`.
+retry_max_secs apart) until max_age_hours, then the event is `failed`. Attempts go over keep-alive
+connections (aiohttp's pool), and the outcomes of concurrent attempts are written back in one bulk
+write: per delivered event, the dispatcher's own database work is a share of a few batched commands.
 """
 
 from __future__ import annotations
@@ -27,17 +29,33 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import socket
 import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from bson import ObjectId
-from pymongo import ASCENDING, IndexModel
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from pymongo import ASCENDING, IndexModel, UpdateOne
 
+from models.batching import BatchedMarks, BatchedUpdates
 from models.conversations import ConversationStore
 from models.database import Database
 from models.groups import GroupStore
-from models.outbox import COLLECTION, EventSink, NullSink, Outbox, wants
+from models.messages import message_to_wire
+from models.outbox import (
+    COLLECTION,
+    MESSAGE_COLLECTIONS,
+    MESSAGE_CREATED,
+    EventSink,
+    NullSink,
+    Outbox,
+    strip_content,
+    wants,
+)
 from server.config import Settings
 from server.db import message_write_concern
 from server.push import PLAN_LEASE_SECS, LocalSockets, PushPlanner
@@ -50,6 +68,10 @@ MAX_CONCURRENT_DELIVERIES = 32
 FIRST_RETRY_SECS = 1.0
 LEASE_EXTRA_SECS = 30.0  # a lease outlives the attempt's timeout by this much
 ERROR_TEXT_CHARS = 200
+STOP_TIMEOUT_SECS = 5.0
+LOCAL_HOOKS_MAX = 5000  # messages whose event waits in memory; beyond, they are claimed from the database
+LOCAL_MARGIN_SECS = 5.0  # a message's event is delivered from memory only with this much lease to spare
+HOOK_SWEEP_SECS = 3.0  # how often messages' events are searched in the database (other processes', retries)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -69,7 +91,7 @@ def retry_delay_secs(attempt: int, max_secs: float) -> float:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None):
+    def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str = ""):
         self._events = db[COLLECTION]
         self._webhooks = settings.webhooks
         self._urls = {"webhook": settings.webhooks.url, "push": settings.push.url or settings.webhooks.url}
@@ -77,8 +99,29 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._deliveries: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._client: AsyncHTTPClient | None = None
+        self._client: aiohttp.ClientSession | None = None
+        # Results of concurrent attempts go to the database together (one bulk write per batch);
+        # deliveries, the common outcome, as one update_many per claim.
+        self._records = BatchedUpdates(self._events)
+        self._delivered = BatchedMarks(
+            self._events, "claim", lambda: {"status": "delivered", "deliveredAt": time.time(), "lastError": None}
+        )
         self._lease_secs = settings.webhooks.timeout_secs + LEASE_EXTRA_SECS
+        # message.created lives in the messages (models/outbox.py): this process's new ones wait
+        # here, born leased to claim_token; others' and retries are claimed from the collections.
+        self.claim_token = claim_token or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._messages = {channel: db[channel] for channel in MESSAGE_COLLECTIONS}
+        self._hook_records = {channel: BatchedUpdates(db[channel]) for channel in MESSAGE_COLLECTIONS}
+        self._hooks_delivered = {
+            channel: BatchedMarks(
+                db[channel],
+                "hookClaim",
+                lambda: {"hook": "delivered", "hookDeliveredAt": time.time(), "hookError": None},
+            )
+            for channel in MESSAGE_COLLECTIONS
+        }
+        self._local_hooks: deque[tuple[str, dict[str, Any], Mapping[str, Any]]] = deque()
+        self._next_hook_sweep = 0.0  # when to look in the collections next
 
     def wake(self) -> None:
         """An event was stored by this process: look now, not at the next poll."""
@@ -90,8 +133,25 @@ class Dispatcher:
             self._planner.take(doc)
         self._wake.set()
 
+    def born_lease(self) -> float:
+        """How long a message stored now is leased to this process for its message.created (0:
+        not running, or no room in memory: the database claim takes it at once)."""
+        if self._task is None or len(self._local_hooks) >= LOCAL_HOOKS_MAX:
+            return 0.0
+        return self._lease_secs
+
+    def message_stored(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
+        """A message this process stored, its event born leased to us: delivered from memory."""
+        self._local_hooks.append((channel, message, hook))
+        self._wake.set()
+
     async def ensure_indexes(self) -> None:
-        """The claim (status, dueAt), the planner's claim and the window / reminder look-ups."""
+        """The claim (status, dueAt), the planner's claim and the window / reminder look-ups;
+        in each message collection, the claim of messages' own events (hook, hookDue)."""
+        for collection in self._messages.values():
+            await collection.create_indexes(
+                [IndexModel([("hook", ASCENDING), ("hookDue", ASCENDING)], name="hook_due", sparse=True)]
+            )
         await self._events.create_indexes(
             [
                 IndexModel([("status", ASCENDING), ("dueAt", ASCENDING)], name="status_due"),
@@ -103,7 +163,13 @@ class Dispatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CONCURRENT_DELIVERIES)
+            # Keep-alive connections to the receiver: a new TCP connection per event costs the
+            # server (and the receiver) more CPU than the rest of the delivery.
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_DELIVERIES),
+                timeout=aiohttp.ClientTimeout(total=self._webhooks.timeout_secs, connect=self._webhooks.timeout_secs),
+                auto_decompress=False,
+            )
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -116,8 +182,11 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         if self._client is not None:
-            self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            try:  # bounded: shutting down never waits on a receiver
+                await asyncio.wait_for(client.close(), STOP_TIMEOUT_SECS)
+            except TimeoutError:
+                log.warning("webhook dispatcher: connections to the receiver did not close in time")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,21 +210,70 @@ class Dispatcher:
 
     async def _work(self) -> bool:
         """Plan pending messages (push/reminders), then start every due delivery there is room
-        for. True when every delivery slot is busy."""
+        for: this process's new messages from memory first. True when every delivery slot is busy."""
         if self._planner is not None:
             await self._planner.plan_pending()
-        while (room := MAX_CONCURRENT_DELIVERIES - len(self._deliveries)) > 0:
+        self._start(self._take_local(self._room()))
+        while (room := self._room()) > 0:
             claimed = await self._claim(room)
-            for doc in claimed:
-                task = asyncio.get_running_loop().create_task(self._deliver(doc))
-                self._deliveries.add(task)
-                task.add_done_callback(self._deliveries.discard)
+            self._start(claimed)
             if len(claimed) < room:
                 return False
         return True
 
+    def _room(self) -> int:
+        return MAX_CONCURRENT_DELIVERIES - len(self._deliveries)
+
+    def _start(self, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            task = asyncio.get_running_loop().create_task(self._deliver(doc))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    def _take_local(self, room: int) -> list[dict[str, Any]]:
+        """Up to room of this process's new messages whose born lease leaves time for an attempt
+        (the others stay pending in the database and are claimed there)."""
+        now = time.time()
+        taken: list[dict[str, Any]] = []
+        while self._local_hooks and len(taken) < room:
+            channel, message, hook = self._local_hooks.popleft()
+            if float(hook["hookDue"]) - now > self._webhooks.timeout_secs + LOCAL_MARGIN_SECS:
+                taken.append(self._hook_event(channel, message, 1, hook["hookClaim"], float(hook["hookAgeFrom"])))
+        return taken
+
+    def _hook_event(
+        self, channel: str, message: dict[str, Any], attempts: int, claim: str, age_from: float
+    ) -> dict[str, Any]:
+        """A message's message.created, shaped as an event document for _deliver (`source`: its channel)."""
+        data = {"message": message}
+        return {
+            "_id": message["id"],
+            "type": MESSAGE_CREATED,
+            "createdAt": message["createdAt"],
+            "data": data if self._webhooks.include_content else strip_content(data),
+            "target": "webhook",
+            "attempts": attempts,
+            "claim": claim,
+            "ageFrom": age_from,
+            "source": channel,
+        }
+
     async def _claim(self, room: int) -> list[dict[str, Any]]:
-        """Up to room due events, leased to this dispatcher (see the module docstring)."""
+        """Up to room due events, leased to this dispatcher (see the module docstring): stored
+        events, then (every HOOK_SWEEP_SECS, or sooner for a retry this process scheduled)
+        messages' own."""
+        claimed = await self._claim_events(room)
+        now = time.time()
+        if len(claimed) < room and now >= self._next_hook_sweep:
+            self._next_hook_sweep = now + HOOK_SWEEP_SECS
+            for channel in MESSAGE_COLLECTIONS:
+                claimed += await self._claim_hooks(channel, room - len(claimed))
+                if len(claimed) >= room:
+                    self._next_hook_sweep = now  # more may be due: look again next round
+                    break
+        return claimed
+
+    async def _claim_events(self, room: int) -> list[dict[str, Any]]:
         now = time.time()
         due = {"status": {"$eq": "pending"}, "dueAt": {"$lte": now}}
         found = await self._events.find(due, {"_id": 1}).sort("dueAt", ASCENDING).limit(room).to_list()
@@ -172,12 +290,35 @@ class Dispatcher:
         claimed.sort(key=lambda doc: ids.index(doc["_id"]))
         return claimed
 
+    async def _claim_hooks(self, channel: str, room: int) -> list[dict[str, Any]]:
+        """The same claim, on the messages of one channel whose message.created is due."""
+        collection = self._messages[channel]
+        now = time.time()
+        due = {"hook": {"$eq": "pending"}, "hookDue": {"$lte": now}}
+        found = await collection.find(due, {"_id": 1}).sort("hookDue", ASCENDING).limit(room).to_list()
+        if not found:
+            return []
+        ids = [doc["_id"] for doc in found]
+        token = str(ObjectId())
+        await collection.update_many(
+            {"_id": {"$in": ids}, **due},
+            {"$set": {"hookDue": now + self._lease_secs, "hookClaim": token}, "$inc": {"hookAttempts": 1}},
+        )
+        won = await collection.find({"_id": {"$in": ids}, "hookClaim": token}).to_list()
+        won.sort(key=lambda doc: ids.index(doc["_id"]))
+        return [
+            self._hook_event(channel, message_to_wire(doc), int(doc["hookAttempts"]), token, float(doc["hookAgeFrom"]))
+            for doc in won
+        ]
+
     async def _secs_until_due(self) -> float:
-        """Until the next pending event is due (retries, coalescing windows), at most POLL_SECS."""
+        """Until the next pending event is due (retries, coalescing windows) or the next look at
+        the messages' own events, at most POLL_SECS."""
+        until_sweep = self._next_hook_sweep - time.time()
         nearest = await self._events.find_one({"status": {"$eq": "pending"}}, {"dueAt": 1}, sort=[("dueAt", ASCENDING)])
         if nearest is None:
-            return POLL_SECS
-        return max(0.05, min(POLL_SECS, float(nearest["dueAt"]) - time.time()))
+            return max(0.05, min(POLL_SECS, until_sweep))
+        return max(0.05, min(POLL_SECS, until_sweep, float(nearest["dueAt"]) - time.time()))
 
     async def _deliver(self, doc: dict[str, Any]) -> None:
         try:
@@ -206,33 +347,27 @@ class Dispatcher:
             "X-IM-Attempt": str(doc["attempts"]),
             "X-IM-Signature": sign(self._webhooks.secret, int(time.time()), body),
         }
-        request = HTTPRequest(
-            self._urls[doc.get("target", "webhook")],
-            method="POST",
-            body=body,
-            headers=headers,
-            follow_redirects=False,
-            connect_timeout=self._webhooks.timeout_secs,
-            request_timeout=self._webhooks.timeout_secs,
-            decompress_response=False,
-        )
         try:
-            response = await self._client.fetch(request, raise_error=False)
-        except Exception as exc:  # garbage on the wire, a reset, a bad URL: a failed attempt
+            async with self._client.post(
+                self._urls[doc.get("target", "webhook")], data=body, headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+        except TimeoutError:
+            return f"timeout after {self._webhooks.timeout_secs:g}s"
+        except Exception as exc:  # refused, garbage on the wire, a reset, a bad URL: a failed attempt
             return f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS]
-        if 200 <= response.code < 300:
+        if 200 <= status < 300:
             return None
-        if response.code == 599:
-            return f"{type(response.error).__name__}: {response.error}"[:ERROR_TEXT_CHARS]
-        return f"HTTP {response.code}"
+        return f"HTTP {status}"
 
     async def _record(self, doc: dict[str, Any], error: str | None) -> None:
+        if "source" in doc:
+            await self._record_hook(doc, error)
+            return
         now = time.time()
         mine = {"_id": doc["_id"], "claim": doc["claim"]}  # unless a later claim took it over
         if error is None:
-            await self._events.update_one(
-                mine, {"$set": {"status": "delivered", "deliveredAt": now, "lastError": None}}
-            )
+            await self._delivered.mark(doc["claim"], doc["_id"])
             return
         delay = retry_delay_secs(doc["attempts"], self._webhooks.retry_max_secs)
         expired = now + delay > float(doc.get("ageFrom", now)) + self._webhooks.max_age_hours * 3600
@@ -244,7 +379,26 @@ class Dispatcher:
             )
         else:
             update["dueAt"] = now + delay
-        await self._events.update_one(mine, {"$set": update})
+        await self._records.update(UpdateOne(mine, {"$set": update}))
+
+    async def _record_hook(self, doc: dict[str, Any], error: str | None) -> None:
+        """A message's event: the outcome in the message document (unless a later claim took it)."""
+        if error is None:  # hookAttempts already counts this attempt (its claim, or its birth)
+            await self._hooks_delivered[doc["source"]].mark(doc["claim"], doc["_id"])
+            return
+        now = time.time()
+        mine = {"_id": doc["_id"], "hookClaim": doc["claim"]}
+        update: dict[str, Any] = {"hookAttempts": doc["attempts"], "hookError": error}
+        delay = retry_delay_secs(doc["attempts"], self._webhooks.retry_max_secs)
+        if now + delay > doc["ageFrom"] + self._webhooks.max_age_hours * 3600:
+            update["hook"] = "failed"
+            log.warning(
+                "webhook event %s (message.created) failed after %d attempts: %s", doc["_id"], doc["attempts"], error
+            )
+        else:
+            update["hookDue"] = now + delay
+            self._next_hook_sweep = min(self._next_hook_sweep, now + delay)  # the retry, on time
+        await self._hook_records[doc["source"]].update(UpdateOne(mine, {"$set": update}))
 
 
 def build_events(
@@ -260,6 +414,7 @@ def build_events(
     # Filled in below: the outbox hands events to the dispatcher and asks the planner, built after it.
     dispatchers: list[Dispatcher] = []
     planners: list[PushPlanner] = []
+    claim_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     outbox = Outbox(
         db,
         message_write_concern(settings),
@@ -271,6 +426,9 @@ def build_events(
         stored=lambda doc: dispatchers[0].stored(doc),
         plan_lease_secs=PLAN_LEASE_SECS,
         needs_plan=lambda message: planners[0].needs_plan(message),
+        message_stored=lambda channel, message, hook: dispatchers[0].message_stored(channel, message, hook),
+        born_lease=lambda: dispatchers[0].born_lease(),
+        local_claim=claim_token,
     )
     planner = PushPlanner(
         db,
@@ -283,5 +441,5 @@ def build_events(
         reminder_after_secs=settings.reminders.after_secs if reminders_on else 0.0,
     )
     planners.append(planner)
-    dispatchers.append(Dispatcher(db, settings, planner))
+    dispatchers.append(Dispatcher(db, settings, planner, claim_token=claim_token))
     return outbox, outbox, dispatchers[0]

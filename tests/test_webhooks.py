@@ -125,6 +125,41 @@ async def test_message_created_is_signed_and_a_tampered_body_fails(api, receiver
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_message_created_is_stored_in_its_message_and_listed(api, services, receiver, dispatcher):
+    """No second document per send: the message carries its event's state (models/outbox.py);
+    Jack is connected (no push to plan), so the outbox holds nothing for it at all."""
+    jack = await api.ws("Jack")
+    try:
+        sent = await api.send_pm("Rose", "Jack", "one document per send")
+        await wait_for_event(receiver, "message.created")
+        assert (await jack.recv_type("message"))["message"]["id"] == sent["id"]
+    finally:
+        jack.close()
+    assert await services.db.webhook_events.count_documents({"type": "message.created"}) == 0
+    await wait_until(
+        lambda: services.db.pm.count_documents({"_id": sent["id"], "hook": "delivered"}),
+        timeout=10,
+        message="delivery not recorded in the message",
+    )
+    stored = await services.db.pm.find_one({"_id": sent["id"]})
+    assert stored["hookAttempts"] == 1 and stored["hookError"] is None
+    listed = (await api.get("/api/v1/webhooks/events?status=delivered", as_=("ops", "admin"))).json["events"]
+    assert [e for e in listed if e["id"] == sent["id"]] == [
+        {
+            "id": sent["id"],
+            "type": "message.created",
+            "status": "delivered",
+            "attempts": 1,
+            "lastError": None,
+            "nextAttemptAt": None,
+            "createdAt": sent["createdAt"],
+        }
+    ]
+    history = (await api.get("/api/v1/chats/pm?user_id=Jack&peer=Rose", as_=("Jack", "patient"))).json
+    assert all(not key.startswith("hook") for message in history["messages"] for key in message)
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_read_consultation_and_group_events(api, receiver, dispatcher):
     await api.send_pm("Rose", "Jack", "hi")
     read = await api.post(
