@@ -29,6 +29,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# BENCH_SERVER_ROOT=DIR: run the server of another checkout (e.g. `git worktree add /tmp/before
+# <commit>`) under the same load, for before/after figures side by side.
+SERVER_ROOT = Path(os.environ.get("BENCH_SERVER_ROOT") or ROOT).resolve()
 TEST_CONF = tomllib.loads((ROOT / "conf" / "test.toml").read_text(encoding="utf-8"))
 SECRET = os.environ.get("IM_AUTH_SECRET") or TEST_CONF["auth_secret"]
 
@@ -156,8 +159,8 @@ class Stack:
         )
         with open(self.tmp / log_name, "ab") as log:  # the child keeps its own copy of the descriptor
             return subprocess.Popen(
-                [PYTHON, str(ROOT / "run.py")],
-                cwd=ROOT,
+                [PYTHON, str(SERVER_ROOT / "run.py")],
+                cwd=SERVER_ROOT,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -47,6 +47,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import pymongo
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pymongo import ASCENDING, DESCENDING, UpdateOne, WriteConcern
@@ -66,6 +67,9 @@ CHANNELS = ("sm", "pm", "gm")
 KINDS = ("sm", "pm", "gm", "audit", "webhook", "files")
 FILE_GRACE = datetime.timedelta(days=1)  # a file just uploaded waits for the message that carries it
 MIN_PAUSE_SECS = 0.005
+# A batch's operations may take this long (not the client's 5 s: a loaded database answers a purge
+# late, and a purge is background work that must finish rather than fail like a request).
+BATCH_TIMEOUT_SECS = 60.0
 MAX_PAUSE_SECS = 1.0
 DAY_SECS = 86400
 FIRST_WINDOW = datetime.timedelta(hours=1)
@@ -242,7 +246,8 @@ class Purger:
         cap = batch_size * WINDOW_CAP_FACTOR
         cutoff = cutoff.replace(microsecond=0)
         # The oldest: an index walk with a limit of one (no range, so nx-27017 stops at once).
-        first = await collection.find(match, {field.name: 1}).sort(field.name, ASCENDING).limit(1).to_list()
+        with pymongo.timeout(BATCH_TIMEOUT_SECS):
+            first = await collection.find(match, {field.name: 1}).sort(field.name, ASCENDING).limit(1).to_list()
         if not first:
             return
         start = (field.to_time(first[0].get(field.name)) or EPOCH).replace(microsecond=0)
@@ -251,7 +256,8 @@ class Purger:
             end = min(start + window, cutoff)
             bounds = {"$gte": field.bound(start), "$lt": field.bound(end)}
             found = collection.find({**match, field.name: bounds}, projection)
-            docs = await (found if window <= MIN_WINDOW else found.limit(cap + 1)).to_list()
+            with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                docs = await (found if window <= MIN_WINDOW else found.limit(cap + 1)).to_list()
             if len(docs) > cap and window > MIN_WINDOW:
                 window = max(MIN_WINDOW, _whole_seconds(window / WINDOW_CAP_FACTOR))
                 continue  # too many for one window: the same start, smaller
@@ -272,7 +278,8 @@ class Purger:
         between: BetweenBatches,
     ) -> None:
         began = time.monotonic()
-        counts[kind] += await _delete_ids(collection, [doc["_id"] for doc in batch])
+        with pymongo.timeout(BATCH_TIMEOUT_SECS):
+            counts[kind] += await _delete_ids(collection, [doc["_id"] for doc in batch])
         await self._pause(began, between)
 
     # ---- messages ------------------------------------------------------------------------------
@@ -286,7 +293,8 @@ class Purger:
         last_seqs: dict[str, int] = {}  # conv -> the summary's lastSeq (only grows: safe to cache)
         async for batch in self._windows(collection, CREATED_AT, cutoff, MESSAGE_FIELDS):
             began = time.monotonic()
-            counts[channel] += await self._delete_messages(channel, batch, cutoff, last_seqs)
+            with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                counts[channel] += await self._delete_messages(channel, batch, cutoff, last_seqs)
             await self._pause(began, between)
 
     async def _delete_messages(
@@ -352,12 +360,13 @@ class Purger:
             uploaded = as_utc(doc.get("uploadDate"))
             if uploaded is None or uploaded >= uploaded_before or held.holds_file_of(doc.get("metadata") or {}):
                 continue
-            if not await self._is_carried(str(doc["_id"])):
-                try:
-                    await self._bucket.delete(doc["_id"])
-                    counts["files"] += 1
-                except NoFile:
-                    pass  # deleted meanwhile (another purge, or by hand)
+            with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                if not await self._is_carried(str(doc["_id"])):
+                    try:
+                        await self._bucket.delete(doc["_id"])
+                        counts["files"] += 1
+                    except NoFile:
+                        pass  # deleted meanwhile (another purge, or by hand)
             checked += 1
             if checked % self.policy.batch_size == 0:
                 await self._pause(began, between)

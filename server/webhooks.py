@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo.errors import PyMongoError
 
 from models.batching import BatchedMarks, BatchedUpdates
 from models.conversations import ConversationStore
@@ -181,12 +182,27 @@ class Dispatcher:
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
+        try:  # bounded, like the rest of shutting down
+            await asyncio.wait_for(self._release_local(), STOP_TIMEOUT_SECS)
+        except (TimeoutError, PyMongoError) as exc:
+            log.warning("webhook dispatcher: new messages' events stay leased until their lease ends: %s", exc)
         if self._client is not None:
             client, self._client = self._client, None
             try:  # bounded: shutting down never waits on a receiver
                 await asyncio.wait_for(client.close(), STOP_TIMEOUT_SECS)
             except TimeoutError:
                 log.warning("webhook dispatcher: connections to the receiver did not close in time")
+
+    async def _release_local(self) -> None:
+        """Messages still waiting in memory: due now, so the next process need not wait out their lease."""
+        by_channel: dict[str, list[str]] = {}
+        while self._local_hooks:
+            channel, message, _hook = self._local_hooks.popleft()
+            by_channel.setdefault(channel, []).append(message["id"])
+        for channel, ids in by_channel.items():
+            await self._messages[channel].update_many(
+                {"_id": {"$in": ids}, "hookClaim": self.claim_token, "hook": "pending"}, {"$set": {"hookDue": 0.0}}
+            )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
