@@ -89,7 +89,7 @@ async def purge(stack: Stack) -> dict[str, Any]:
         session.post(f"{stack.base_url}/api/v1/retention/run", headers=headers) as resp,
     ):
         body = await resp.json()
-        assert resp.status == 200, body
+        assert resp.status == 200, f"{body}\n{stack.server_log_tail(60)}"
     return {"purged": body["purged"], "purge_s": round(time.perf_counter() - t0, 1)}
 
 

@@ -205,7 +205,8 @@ class Purger:
             log.info("retention purge ended after %.1fs: %s", time.monotonic() - started, counts)
             if self._audit is not None:
                 user, role, via = (actor.user_id, actor.role, "rest") if actor else ("system", "system", "system")
-                await self._audit.record(user, role, "retention.purged", via, {"purged": dict(counts)})
+                with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                    await self._audit.record(user, role, "retention.purged", via, {"purged": dict(counts)})
         return counts
 
     async def _purge_all(self, now: datetime.datetime, counts: dict[str, int], between: BetweenBatches) -> None:
@@ -354,7 +355,8 @@ class Purger:
         """Files uploaded before uploaded_before that no kept message carries and no held user owns."""
         checked = 0
         began = time.monotonic()
-        held = await self._holds.held_set()
+        with pymongo.timeout(BATCH_TIMEOUT_SECS):
+            held = await self._holds.held_set()
         found = self._files.find({"uploadDate": {"$lt": uploaded_before}}, {"uploadDate": 1, "metadata": 1})
         async for doc in found.batch_size(self.policy.batch_size):
             uploaded = as_utc(doc.get("uploadDate"))
@@ -371,7 +373,8 @@ class Purger:
             if checked % self.policy.batch_size == 0:
                 await self._pause(began, between)
                 began = time.monotonic()
-                held = await self._holds.held_set()
+                with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                    held = await self._holds.held_set()
 
     async def _is_carried(self, file_id: str) -> bool:
         """Does a stored message carry this file (an image or voice message whose content is its id)?"""
@@ -386,7 +389,8 @@ class Purger:
     async def _pause(began: float, between: BetweenBatches) -> None:
         """Sleep about as long as the batch took: the purge takes at most about half the database."""
         await asyncio.sleep(min(MAX_PAUSE_SECS, max(MIN_PAUSE_SECS, time.monotonic() - began)))
-        await between()
+        with pymongo.timeout(BATCH_TIMEOUT_SECS):
+            await between()
 
 
 def _whole_seconds(delta: datetime.timedelta) -> datetime.timedelta:

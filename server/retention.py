@@ -22,12 +22,13 @@ import time
 import uuid
 from typing import Any
 
+import pymongo
 from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from models.database import Database
 from models.principal import Principal
-from models.retention import Purger, PurgeRunning, require_admin
+from models.retention import BATCH_TIMEOUT_SECS, Purger, PurgeRunning, require_admin
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,9 @@ class RetentionRunner:
         if self._running.locked():
             return None
         async with self._running:
-            if not await self._lease.acquire():
+            with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                acquired = await self._lease.acquire()
+            if not acquired:
                 log.info("retention purge skipped: another process holds the lease")
                 return None
             counts: dict[str, int] | None = None
@@ -159,5 +162,5 @@ class RetentionRunner:
                 counts = await self._purger.purge(principal, now=now, between_batches=self._lease.renew)
                 return counts
             finally:
-                with contextlib.suppress(PyMongoError):  # else the lease simply runs out
+                with contextlib.suppress(PyMongoError), pymongo.timeout(BATCH_TIMEOUT_SECS):  # else it runs out
                     await self._lease.release(**({"lastCounts": counts} if counts is not None else {}))
