@@ -8,6 +8,14 @@ last client has all B messages, per-client completion p50/p99, duplicates (the s
 one connection), gaps (a seq skipped on a connection), messages still missing when the storm's
 time limit ends, reconnects.
 
+Live after connect (after each storm, on a fresh server once nx-27017 is idle): L of the patients
+(200), still with their backlogs, connect at once; the moment the last handshake is done a doctor
+POSTs one gm message to a group of theirs. Figure: time from the POST until every one of the L
+sockets has it (`live_after_connect_s`); a live message must not wait behind backlogs, its own
+socket's or other sockets'. Also checked: every socket still gets its whole backlog, in order,
+without duplicates. The live clients mark the gm message `received`, so the group has no backlog
+in the next round and the pm backlogs stay for the next storm.
+
 Clients do not send `received`, so every repeat replays the same backlog (delivery is at least once
 until a client marks it received): one set-up serves all repeats. Every repeat after the first
 starts on a fresh server process (same nx-27017 and data) once nx-27017 is idle again, so that a
@@ -24,9 +32,11 @@ import random
 import time
 from typing import Any
 
+import aiohttp
 from websockets.asyncio.client import connect
 
 from bench.harness import CpuMeter, Stack, latency_figures, raise_nofile, token, ws_connect_kwargs
+from bench.s3_group import create_group
 
 
 async def send_backlog(
@@ -182,6 +192,90 @@ async def storm(stack: Stack, patients: list[str], per_patient: int, timeout: fl
     return res
 
 
+LIVE_GROUP = "s5-live"
+
+
+class LiveClient:
+    """A patient of the live round: counts its pm backlog, notes when the live gm message came."""
+
+    def __init__(self, user: str, backlog: int, marker: str):
+        self.user = user
+        self.backlog = backlog
+        self.marker = marker
+        self.pm_seqs: list[int] = []
+        self.live_at: float | None = None
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.complete = asyncio.Event()
+        self.conn: Any = None
+        self._ids: set[str] = set()
+
+    async def open(self, ws_url: str) -> None:
+        self.conn = await connect(f"{ws_url}?token={token(self.user, 'patient')}", **ws_connect_kwargs())
+
+    async def read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.conn:
+                frame = json.loads(raw)
+                if frame.get("type") != "message":
+                    continue
+                msg = frame["message"]
+                if msg["id"] in self._ids:
+                    self.duplicates += 1
+                    continue
+                self._ids.add(msg["id"])
+                if msg.get("group") == LIVE_GROUP:
+                    if msg.get("clientMsgId") == self.marker and self.live_at is None:
+                        self.live_at = time.perf_counter()
+                    await self.conn.send(
+                        json.dumps({"type": "received", "channel": "gm", "group": LIVE_GROUP, "seq": msg["seq"]})
+                    )
+                else:
+                    if self.pm_seqs and msg["seq"] != self.pm_seqs[-1] + 1:
+                        self.out_of_order += 1
+                    self.pm_seqs.append(msg["seq"])
+                if self.live_at is not None and len(self.pm_seqs) >= self.backlog:
+                    self.complete.set()
+
+
+async def live_after_connect(
+    stack: Stack, doctor: str, patients: list[str], backlog: int, rnd: int, timeout: float = 30.0
+) -> dict[str, Any]:
+    """L sockets with backlogs connect at once; one gm message right after: until all L have it."""
+    marker = f"s5-live-{rnd}"
+    clients = [LiveClient(p, backlog, marker) for p in patients]
+    await asyncio.gather(*(c.open(stack.ws_url) for c in clients))
+    readers = [asyncio.create_task(c.read()) for c in clients]
+    headers = {"Authorization": f"Bearer {token(doctor, 'doctor')}"}
+    body = {"from": doctor, "group": LIVE_GROUP, "contentType": 1, "content": "live", "clientMsgId": marker}
+    t0 = time.perf_counter()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(stack.base_url + "/api/v1/chats/gm", json=body, headers=headers) as resp,
+    ):
+        await resp.read()
+        if resp.status != 201:
+            raise RuntimeError(f"live gm send answered {resp.status}")
+    posted = time.perf_counter() - t0
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(c.complete.wait() for c in clients)), timeout)
+    arrived = [c.live_at - t0 for c in clients if c.live_at is not None]
+    res = {
+        "live_sockets": len(clients),
+        "live_after_connect_s": round(max(arrived), 3) if len(arrived) == len(clients) else None,
+        **latency_figures(arrived, "live_socket"),
+        "live_post_ms": round(1000 * posted, 1),
+        "live_missing": len(clients) - len(arrived),
+        "live_backlog_missing": sum(max(0, backlog - len(c.pm_seqs)) for c in clients),
+        "live_duplicates": sum(c.duplicates for c in clients),
+        "live_backlog_out_of_order": sum(c.out_of_order for c in clients),
+    }
+    for c in clients:
+        await c.conn.close()
+    await asyncio.gather(*readers, return_exceptions=True)
+    return res
+
+
 async def scenario(
     stack: Stack,
     repeats: int,
@@ -191,11 +285,15 @@ async def scenario(
     doctors: int = 100,
     timeout: float = 120.0,
     conv_index: bool = False,
+    live: int = 200,
 ) -> list[dict[str, Any]]:
     raise_nofile()
     doctor_ids = [f"s5-doc-{i}" for i in range(doctors)]
     patient_ids = [f"s5-pat-{i}" for i in range(clients)]
     setup = await send_backlog(stack, doctor_ids, patient_ids, per_patient)
+    live_patients = patient_ids[:live]
+    if live:
+        await create_group(stack, LIVE_GROUP, [doctor_ids[0], *live_patients])
     if conv_index:
         # What-if (not the server's own indexes): a single-field `conv` index, which nx-27017 uses
         # for {conv, seq > n} where it does not use the compound conv_seq index (RESULTS.md).
@@ -214,6 +312,10 @@ async def scenario(
         res = await storm(stack, patient_ids, per_patient, timeout)
         res["fresh_server"] = bool(r)
         res["quiet_wait_s"] = quiet_wait_s
+        if live:
+            stack.restart_server()
+            stack.wait_quiet("nx")
+            res.update(await live_after_connect(stack, doctor_ids[0], live_patients, per_patient, r))
         res.update(setup)
         results.append(res)
         print(f"  s5 run {r + 1}: {json.dumps(res)}", flush=True)
@@ -227,6 +329,7 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=20)
     parser.add_argument("--doctors", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--live", type=int, default=200, help="sockets of the live-after-connect round (0: none)")
     parser.add_argument(
         "--conv-index", action="store_true", help="what-if: add a single-field index on pm.conv before the storm"
     )
@@ -241,6 +344,7 @@ def main() -> None:
                 doctors=args.doctors,
                 timeout=args.timeout,
                 conv_index=args.conv_index,
+                live=args.live,
             )
         )
 

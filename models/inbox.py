@@ -7,11 +7,12 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from models import validation as v
-from models.conversations import SEP, ConversationRef, ConversationStore, count_unread
+from models.conversations import SEP, SIDES, ConversationRef, ConversationStore, count_unread
+from models.database import Database
 from models.errors import InvalidField, NotAMember, NotFound
 from models.groups import GroupStore
 from models.messages import message_to_wire
@@ -46,9 +47,10 @@ def parse_list_cursor(cursor: str | None) -> str | None:
 
 
 class Inbox:
-    def __init__(self, conversations: ConversationStore, groups: GroupStore):
+    def __init__(self, conversations: ConversationStore, groups: GroupStore, db: Database):
         self._conversations = conversations
         self._groups = groups
+        self._db = db  # the batched backlog reads (backlog_plans)
 
     async def resolve(self, user: str, data: Mapping[str, Any]) -> tuple[ConversationRef, list[str]]:
         """The conversation a marker names ({channel, peer | group}) and who else is in it."""
@@ -146,17 +148,60 @@ class Inbox:
         """(conversation, received marker, newest seq): the conversations with news first, then the
         rest of the user's cursors (newest = received: a baseline for the socket, nothing to send).
 
-        O(news + groups) summaries: pm/sm ones are found by their news flag, not by reading
-        every conversation; the user's cursors (small) give every socket baseline in one query.
         just_stored: conversation key -> (ref, seq) of messages this process learnt of from other
         processes whose summaries may not be written yet (server/fanout.py); they count too.
         """
-        group_ids = await self._groups.ids_for_user(user)
-        pending, cursors, group_seqs = await asyncio.gather(
-            self._conversations.find_pending(user),
-            self._conversations.get_cursors(user),
-            self._conversations.get_seq_ranges([ConversationRef.gm(g) for g in group_ids]),
+        plans = await self.backlog_plans([user], {user: just_stored or {}})
+        return plans[user]
+
+    async def backlog_plans(
+        self, users: Sequence[str], just_stored: Mapping[str, Mapping[str, tuple[ConversationRef, int]]]
+    ) -> dict[str, list[tuple[ConversationRef, int, int]]]:
+        """backlog_plan for many users in five queries in all, not five per user: the sockets of a
+        reconnect storm are planned in batches (server/backlog.py).
+
+        O(news + groups + cursors) documents: pm/sm summaries are found by their news flag, not by
+        reading every conversation.
+        """
+        users = list(dict.fromkeys(users))
+        # One user (a quiet moment) by equality: nx-27017 uses an index for it, not for $in.
+        match: Any = users[0] if len(users) == 1 else {"$in": users}
+        summaries, cursor_coll = self._db.conversations, self._db.cursors
+        fields = {"channel": 1, "conv": 1, "lastSeq": 1, "purgedSeq": 1}
+        groups_found, *pending_pages, cursor_docs = await asyncio.gather(
+            self._db.groups.find({"members": {"$in": users}}, {"members": 1}).to_list(),  # see has_member
+            *(summaries.find({f"pending{side}": match}, {**fields, f"pending{side}": 1}).to_list() for side in SIDES),
+            cursor_coll.find({"user": match}, {"_id": 0}).to_list(),
         )
+        wanted = set(users)
+        groups_of: dict[str, list[str]] = {u: [] for u in users}
+        for group in groups_found:
+            for member in wanted.intersection(group.get("members", ())):
+                groups_of[member].append(group["_id"])
+        group_keys = {ConversationRef.gm(g).key for ids in groups_of.values() for g in ids}
+        group_seqs = await self._conversations.get_seq_ranges([ConversationRef.from_key(k) for k in group_keys])
+        pending_of: dict[str, list[dict[str, Any]]] = {u: [] for u in users}
+        for side, page in zip(SIDES, pending_pages, strict=True):
+            for summary in page:
+                pending_of[summary[f"pending{side}"]].append(summary)
+        cursors_of: dict[str, dict[str, dict[str, Any]]] = {u: {} for u in users}
+        for doc in cursor_docs:
+            cursors_of[doc["user"]][f"{doc['channel']}:{doc['conv']}"] = doc
+        plans = {}
+        for user in users:
+            keys = (ConversationRef.gm(g).key for g in groups_of[user])
+            seqs = {key: group_seqs[key] for key in keys if key in group_seqs}
+            plans[user] = await self._plan(user, pending_of[user], cursors_of[user], seqs, just_stored.get(user, {}))
+        return plans
+
+    async def _plan(
+        self,
+        user: str,
+        pending: list[dict[str, Any]],
+        cursors: Mapping[str, Mapping[str, Any]],
+        group_seqs: Mapping[str, tuple[int, int]],
+        just_stored: Mapping[str, tuple[ConversationRef, int]],
+    ) -> list[tuple[ConversationRef, int, int]]:
         newest: dict[str, tuple[ConversationRef, int]] = {}
         # What retention deleted (models/retention.py): the backlog starts above it, so the seqs
         # that are gone are not held for as a gap (server/ordering.py).
@@ -168,7 +213,7 @@ class Inbox:
         for key, (seq, purged_seq) in group_seqs.items():
             newest[key] = (ConversationRef.from_key(key), seq)
             purged[key] = purged_seq
-        for key, (ref, seq) in (just_stored or {}).items():
+        for key, (ref, seq) in just_stored.items():
             if seq > newest.get(key, (ref, 0))[1]:
                 newest[key] = (ref, seq)
         plan = []
@@ -189,9 +234,15 @@ class Inbox:
     ) -> AsyncIterator[dict[str, Any]]:
         """Messages with after < seq (< before), oldest first, read in pages."""
         while True:
-            page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE, before)
-            for doc in page:
-                yield message_to_wire(doc)
+            page = await self.message_page(ref, after, before)
+            for message in page:
+                yield message
             if len(page) < BACKLOG_PAGE:
                 return
             after = page[-1]["seq"]
+
+    async def message_page(self, ref: ConversationRef, after: int, before: int | None = None) -> list[dict[str, Any]]:
+        """Up to BACKLOG_PAGE messages with after < seq (< before), oldest first, in wire form
+        (a socket writes a backlog page at once, server/session.py)."""
+        page = await self._conversations.messages_after(ref, after, BACKLOG_PAGE, before)
+        return [message_to_wire(doc) for doc in page]

@@ -12,7 +12,7 @@ ROLES = ("doctor", "patient", "service", "admin")
 STAFF_ROLES = frozenset({"service", "admin"})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # one per open socket: no instance dict
 class Principal:
     """Who is calling: the token's subject and role."""
 

@@ -83,8 +83,8 @@ def make_app(services: Services) -> tornado.web.Application:
         log_function=make_request_logger(settings.access_log, services.metrics, routes),
         default_handler_class=NotFoundHandler,
         websocket_max_message_size=64 * 1024,  # SPEC §7: larger frames close with 1009
-        websocket_ping_interval=settings.ping_interval_secs,
-        websocket_ping_timeout=settings.ping_timeout_secs,
+        # No websocket_ping_interval: server/transport.py's Heartbeat pings every socket from one
+        # timer (Tornado's costs a task and a timer per socket).
         # Given explicitly, transforms replace compress_response=True's gzip: name both.
         transforms=[tornado.web.GZipContentEncoding, SecurityHeaders],
     )

@@ -124,6 +124,10 @@ def has_unread_bytes(sock: socket.socket) -> bool:
 class GuardedIOStream(IOStream):
     """An IOStream that answers 431 when a request's headers overflow, and closes lingering."""
 
+    # Slots, not three more keys in the instance dict: those would make every stream's dict
+    # (an upgraded WebSocket keeps its stream for life) grow to its next size, ~1.5 KiB more.
+    __slots__ = ("_headers_too_large", "_reading_headers", "_last_answer")
+
     def __init__(self, sock: socket.socket, headers_too_large: bytes, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._headers_too_large = headers_too_large

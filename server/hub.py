@@ -30,24 +30,30 @@ WS_LEN_16 = 126
 WS_LEN_64 = 127
 
 
+def frame_wire(text: str) -> bytes:
+    """A text frame's WebSocket wire form as a server sends it (unmasked, uncompressed): header +
+    UTF-8 payload."""
+    payload = text.encode("utf-8")  # encode_frame escapes what UTF-8 cannot hold
+    size = len(payload)
+    if size < WS_LEN_16:
+        header = struct.pack("!BB", WS_FIN_TEXT, size)
+    elif size <= 0xFFFF:
+        header = struct.pack("!BBH", WS_FIN_TEXT, WS_LEN_16, size)
+    else:
+        header = struct.pack("!BBQ", WS_FIN_TEXT, WS_LEN_64, size)
+    return header + payload
+
+
 class EncodedFrame(str):
-    """A text frame that also carries its WebSocket wire form (header + UTF-8 payload), built once
-    per message for every socket of a fan-out: a server's frames are unmasked, so the bytes are
-    the same for each uncompressed connection (server/transport.py writes them as they are)."""
+    """A text frame that also carries its WebSocket wire form (frame_wire), built once per message
+    for every socket of a fan-out: a server's frames are unmasked, so the bytes are the same for
+    each uncompressed connection (server/transport.py writes them as they are)."""
 
     wire: bytes
 
     def __new__(cls, text: str) -> EncodedFrame:
         frame = super().__new__(cls, text)
-        payload = text.encode("utf-8")  # encode_frame escapes what UTF-8 cannot hold
-        size = len(payload)
-        if size < WS_LEN_16:
-            header = struct.pack("!BB", WS_FIN_TEXT, size)
-        elif size <= 0xFFFF:
-            header = struct.pack("!BBH", WS_FIN_TEXT, WS_LEN_16, size)
-        else:
-            header = struct.pack("!BBQ", WS_FIN_TEXT, WS_LEN_64, size)
-        frame.wire = header + payload
+        frame.wire = frame_wire(text)
         return frame
 
 

@@ -142,6 +142,7 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
         await asyncio.wait_for(services.messages.inflight.wait_idle(), INFLIGHT_DRAIN_SECS)
     except TimeoutError:
         log.warning("shutdown: %d sends still in flight", services.messages.inflight.count)
+    services.heartbeat.stop()
     for socket in services.hub.all_sockets():
         socket.close(WS_GOING_AWAY, "server shutting down")
     await services.presence.withdraw()  # lastSeen of every user whose socket just closed

@@ -22,6 +22,8 @@ FetchMissing = Callable[[str, int, int], Awaitable[list[tuple[int, str]]]]
 
 
 class InOrderDelivery:
+    __slots__ = ("_send", "_fetch_missing", "_gap_repair_secs", "_sent", "_pending", "_repairs")  # one per socket
+
     def __init__(
         self, send: Callable[[str], None], fetch_missing: FetchMissing, gap_repair_secs: float = GAP_REPAIR_SECS
     ):

@@ -29,6 +29,7 @@ from models.receipts import ReceiptService
 from models.retention import Purger, RetentionPolicy
 from server.accounts import AccountAdmin, AccountView
 from server.auth import TokenVerifier
+from server.backlog import BacklogPlanner
 from server.chat import ChatService
 from server.config import Settings
 from server.db import message_write_concern
@@ -37,6 +38,7 @@ from server.hub import Hub
 from server.metrics import Metrics
 from server.ratelimit import SendRateLimiter
 from server.retention import LEASE_NAME, DatabaseLease, RetentionRunner
+from server.transport import Heartbeat
 from server.webhooks import Dispatcher, build_events
 
 CONCURRENT_BACKLOGS = 32
@@ -72,6 +74,10 @@ class Services:
     # Bounds the backlog reads of sockets connecting at once (a reconnect storm), so they queue
     # here instead of exhausting the database connection pool.
     backlog_slots: asyncio.Semaphore
+    # Reads the backlog plans of sockets connecting together in batches (server/backlog.py).
+    backlog_planner: BacklogPlanner
+    # Pings every socket from one timer and closes those that answer none (SPEC §7).
+    heartbeat: Heartbeat
     # SPEC §15/§16: legal holds, the retention purge (under a database lease) and record exports.
     holds: HoldService
     retention: RetentionRunner
@@ -147,7 +153,7 @@ def build_services(
         if follow_other_processes
         else None
     )
-    inbox = Inbox(conversations, groups)
+    inbox = Inbox(conversations, groups, db)
     holds = HoldService(db, message_write_concern(settings), groups, conversations, audit=audit)
     # SPEC §14: recall and edit, with every version kept (message_versions).
     changes = MessageChanges(
@@ -197,6 +203,8 @@ def build_services(
         audit=audit,
         receipts=receipts,
         backlog_slots=asyncio.Semaphore(CONCURRENT_BACKLOGS),
+        backlog_planner=BacklogPlanner(inbox, fanout),
+        heartbeat=Heartbeat(settings.ping_interval_secs, settings.ping_timeout_secs),
         holds=holds,
         retention=RetentionRunner(
             Purger(db, retention_policy(settings), holds, audit=audit),
