@@ -101,6 +101,8 @@ async def scenario(stack: Stack, repeats: int, messages: int, concurrency: int) 
     stack.wait_sockets(len(patients))
     out: dict[str, Any] = {"quiet": [], "purging": []}
     try:
+        # nx-27017 digests the seeding (its change log, SQLite) for a while: quiet means quiet.
+        print(f"  s10: waited {stack.wait_quiet('nx', 15.0, timeout=180.0)} s for nx-27017 to settle", flush=True)
         await run_once(stack, receivers, doctors, patients, 300, concurrency, "s10-warm")
         for r in range(repeats):
             res = await run_once(stack, receivers, doctors, patients, messages, concurrency, f"s10-q{r}")
