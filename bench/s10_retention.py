@@ -26,11 +26,11 @@ import time
 from typing import Any
 
 import aiohttp
+from bson import ObjectId
 
 from bench.harness import Stack, token
 from bench.s1_rest_ws import Receivers, run_once
 from models.conversations import pm_conv
-from models.retention import message_id_at
 
 SEED_BATCH = 10_000
 OLDEST_DAYS = 400
@@ -54,7 +54,7 @@ def seed(stack: Stack, old: int, conversations: int, budget_s: float) -> dict[st
         at = oldest + span * n
         chunk.append(
             {
-                "_id": message_id_at(at),  # as the server makes it: with the message
+                "_id": str(ObjectId()),
                 "conv": convs[c],
                 "channel": "pm",
                 "from": doctor,

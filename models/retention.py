@@ -24,9 +24,8 @@ deleted. Nothing else of the summary changes (lastSeq, lastMessage, the markers)
 only what is above both the read marker and purgedSeq (models/inbox.py), and a reconnecting
 socket's backlog starts above purgedSeq, so the missing seqs are not waited for as a gap.
 
-Batches: a purge walks each collection oldest first in time windows (a message's `_id`, whose
-ObjectId starts with its creation second; an audit entry's `key`; a delivered event's
-`deliveredAt`; each indexed and compared without dates, see MESSAGE_ID), sized so that a window holds about
+Batches: a purge walks each collection oldest first in time windows (`createdAt`, an audit entry's
+`key`, a delivered event's `deliveredAt`, each indexed), sized so that a window holds about
 `batch_size` documents: a window that comes back over WINDOW_CAP_FACTOR batches is retried
 smaller, one that comes back light doubles. Why windows and not "the next batch_size documents
 past the cutoff": nx-27017 reads every document a range matches before it applies a limit, so a
@@ -49,8 +48,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pymongo
-from bson import ObjectId
-from bson.errors import InvalidId
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pymongo import ASCENDING, DESCENDING, UpdateOne, WriteConcern
@@ -150,28 +147,7 @@ def time_of_unix(value: object) -> datetime.datetime | None:
     return None
 
 
-def id_bound(moment: datetime.datetime) -> str:
-    """The smallest message id of that second (a message's `_id` is an ObjectId string, made when it
-    is stored: its first 8 hex digits are its creation second, so ids sort as time)."""
-    return str(ObjectId.from_datetime(moment))
-
-
-def message_id_at(moment: datetime.datetime) -> str:
-    """A new message id as if stored at moment (seeding old messages in tests and benches)."""
-    return id_bound(moment)[:8] + ObjectId().binary[4:].hex()
-
-
-def time_of_id(value: object) -> datetime.datetime | None:
-    try:
-        return ObjectId(str(value)).generation_time
-    except (InvalidId, TypeError):
-        return None
-
-
-# Messages are walked by `_id`, not `createdAt`: nx-27017 compares dates through a JSON function no
-# index serves, so every `createdAt` window read the whole collection (0.5-1 s at 500,000 messages,
-# a stall for every send behind it). `createdAt` is still what decides (_may_delete).
-MESSAGE_ID = TimeField("_id", id_bound, time_of_id)
+CREATED_AT = TimeField("createdAt", lambda moment: moment, as_utc)
 AUDIT_KEY = TimeField("key", time_key, time_of_key)
 DELIVERED_AT = TimeField("deliveredAt", lambda moment: moment.timestamp(), time_of_unix)
 
@@ -316,7 +292,7 @@ class Purger:
         cutoff = cutoff.replace(microsecond=0)  # nx-27017 compares whole seconds: keep the bound exact
         collection = self._messages[channel]
         last_seqs: dict[str, int] = {}  # conv -> the summary's lastSeq (only grows: safe to cache)
-        async for batch in self._windows(collection, MESSAGE_ID, cutoff, MESSAGE_FIELDS):
+        async for batch in self._windows(collection, CREATED_AT, cutoff, MESSAGE_FIELDS):
             began = time.monotonic()
             with pymongo.timeout(BATCH_TIMEOUT_SECS):
                 counts[channel] += await self._delete_messages(channel, batch, cutoff, last_seqs)

@@ -21,7 +21,7 @@ from models.audit import time_key
 from models.clock import utcnow
 from models.conversations import ConversationRef, pm_conv
 from models.principal import Principal
-from models.retention import Purger, RetentionPolicy, message_id_at
+from models.retention import Purger, RetentionPolicy
 from server.config import ConfigError, load_settings
 from server.retention import LEASE_NAME, DatabaseLease
 from server.services import build_services, retention_policy
@@ -48,7 +48,7 @@ async def store_old(services, channel, conv, fields, count, age_days, first_seq=
     start = days_ago(age_days)
     docs = [
         {
-            "_id": message_id_at(start + datetime.timedelta(milliseconds=n)),  # ids are made with the message
+            "_id": str(ObjectId()),
             "conv": conv,
             "channel": channel,
             **fields,
@@ -384,8 +384,7 @@ async def test_after_a_purge_unread_backlog_and_history_stay_right(api, services
 async def test_group_backlog_after_a_purge(api, services):
     await make_group(api, gid="ward-5", members=("Rose", "Jack"))  # seq 1: group.created ...
     notice = await services.db.gm.find_one_and_delete({"conv": "ward-5", "seq": 1})
-    made = days_ago(61)
-    await services.db.gm.insert_one({**notice, "_id": message_id_at(made), "createdAt": made})  # ... made 61 days old
+    await services.db.gm.insert_one({**notice, "createdAt": days_ago(61)})  # ... made 61 days old
     await store_old(services, "gm", "ward-5", {"from": "Rose", "group": "ward-5", "groupType": 1}, 4, 60, 2)
     sent = await api.post(
         "/api/v1/chats/gm", {"from": "Rose", "group": "ward-5", "contentType": 1, "content": "now"}, as_=DOCTOR
@@ -427,11 +426,11 @@ async def test_many_kept_messages_in_one_second_do_not_stop_the_purge(api, servi
     """A batch of held messages all in one second (nx-27017 compares whole seconds) is stepped over."""
     at = days_ago(400).replace(microsecond=0)
     held = [
-        {"_id": message_id_at(at), "conv": pm_conv("Rose", "Lily"), "channel": "pm", "from": "Rose", "to": "Lily"}
+        {"_id": str(ObjectId()), "conv": pm_conv("Rose", "Lily"), "channel": "pm", "from": "Rose", "to": "Lily"}
         for _ in range(7)
     ]
     doomed = [
-        {"_id": message_id_at(at), "conv": pm_conv("Rose", "Jack"), "channel": "pm", "from": "Rose", "to": "Jack"}
+        {"_id": str(ObjectId()), "conv": pm_conv("Rose", "Jack"), "channel": "pm", "from": "Rose", "to": "Jack"}
         for _ in range(4)
     ]
     docs = [
