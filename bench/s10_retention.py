@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="quiet s1 runs")
     parser.add_argument("--messages", type=int, default=2000, help="messages per s1 run")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=250, help="[retention] batch_size (the default)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="[retention] batch_size")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop nx-27017 and the server on the way out
 

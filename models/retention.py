@@ -99,7 +99,7 @@ class RetentionPolicy:
     gm_days: int = 0
     audit_days: int = 0
     webhook_days: int = 7
-    batch_size: int = 250
+    batch_size: int = 1000
 
     def days(self, kind: str) -> int:
         return int(getattr(self, f"{kind}_days"))

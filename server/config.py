@@ -166,7 +166,7 @@ class RetentionSettings:
     webhook_days: int = setting(7, ge=0)  # delivered events only; pending and failed ones stay
     interval_hours: float = setting(24.0, gt=0)  # a purge at start-up, then this often
     # Documents deleted per round trip; the purge yields to sends between batches.
-    batch_size: int = setting(250, ge=1, le=100_000)
+    batch_size: int = setting(1000, ge=1, le=100_000)
 
 
 @dataclasses.dataclass(frozen=True)
