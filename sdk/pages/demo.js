@@ -567,6 +567,37 @@
     };
   }
 
+  /**
+   * Recall and edit on a thread (SPEC §14): the thread's Edit and Recall buttons, the composer saving
+   * an edit in progress, failures on the banner. onChanged(applied) runs after an edit is applied.
+   */
+  function bindMessageActions(client, thread, form, textarea, bannerEl, onChanged) {
+    var editing = editState(form, textarea);
+    function failed(what) {
+      return function (error) { showBanner(bannerEl, "Could not " + what + " the message: " + error.message, true); };
+    }
+    thread.enableActions({
+      onEdit: function (m) { editing.start(m); },
+      onRecall: function (m) {
+        editing.stop();
+        client.recall(m).then(function (changed) { thread.applyChange(changed); }, failed("recall"));
+      }
+    });
+    return {
+      stop: editing.stop,
+      /** Save text as the edit in progress; false when none is (the composer then sends it). */
+      saveEdit: function (text) {
+        var target = editing.take();
+        if (!target) return false;
+        client.edit(target, text).then(function (changed) {
+          var applied = thread.applyChange(changed);
+          if (onChanged) onChanged(applied);
+        }, failed("edit"));
+        return true;
+      }
+    };
+  }
+
   /** Mark read up to the thread's newest message once the page is visible (coalesced). */
   function readMarker(client, spec, thread) {
     var sent = 0;
@@ -605,7 +636,7 @@
     showBanner: showBanner,
     showLogin: showLogin,
     bindComposer: bindComposer,
-    editState: editState,
+    bindMessageActions: bindMessageActions,
     isNotice: isNotice,
     readMarker: readMarker
   };

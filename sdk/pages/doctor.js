@@ -294,16 +294,8 @@
   client.on("edited", function (m) {
     if (thread.applyChange(m)) receipts.schedule();
   });
-  var editing = D.editState($("composer"), $("input"));
-  function changeFailed(what) {
-    return function (error) { D.showBanner($("banner"), "Could not " + what + " the message: " + error.message, true); };
-  }
-  thread.enableActions({
-    onEdit: function (m) { editing.start(m); },
-    onRecall: function (m) {
-      editing.stop();
-      client.recall(m).then(function (changed) { thread.applyChange(changed); }, changeFailed("recall"));
-    }
+  var editing = D.bindMessageActions(client, thread, $("composer"), $("input"), $("banner"), function (applied) {
+    if (applied) receipts.schedule();
   });
 
   client.on("receipt", function (r) {
@@ -320,13 +312,7 @@
 
   D.bindComposer($("composer"), $("input"), function (text) {
     if (!active) return;
-    var target = editing.take();
-    if (target) {
-      client.edit(target, text).then(function (changed) {
-        if (thread.applyChange(changed)) receipts.schedule();
-      }, changeFailed("edit"));
-      return;
-    }
+    if (editing.saveEdit(text)) return;
     var to = active;
     var clientMsgId = window.IMClient.newId();
     thread.addPending(clientMsgId, text);

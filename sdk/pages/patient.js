@@ -55,17 +55,7 @@
   // Recall and edit (SPEC §14): the message changes in place, on both sides.
   client.on("recalled", function (m) { thread.applyChange(m); });
   client.on("edited", function (m) { thread.applyChange(m); });
-  var editing = D.editState($("composer"), $("input"));
-  function changeFailed(what) {
-    return function (error) { D.showBanner($("banner"), "Could not " + what + " the message: " + error.message, true); };
-  }
-  thread.enableActions({
-    onEdit: function (m) { editing.start(m); },
-    onRecall: function (m) {
-      editing.stop();
-      client.recall(m).then(function (changed) { thread.applyChange(changed); }, changeFailed("recall"));
-    }
-  });
+  var editing = D.bindMessageActions(client, thread, $("composer"), $("input"), $("banner"));
 
   client.on("receipt", function (r) {
     if (r.channel === "pm" && r.user === session.peer) thread.applyReceipt(r.seq);
@@ -73,11 +63,7 @@
   client.on("connected", function () { D.showBanner($("banner"), ""); });
 
   D.bindComposer($("composer"), $("input"), function (text) {
-    var target = editing.take();
-    if (target) {
-      client.edit(target, text).then(function (changed) { thread.applyChange(changed); }, changeFailed("edit"));
-      return;
-    }
+    if (editing.saveEdit(text)) return;
     var clientMsgId = window.IMClient.newId();
     thread.addPending(clientMsgId, text);
     client.sendP2P(session.peer, text, { clientMsgId: clientMsgId }).then(function (message) {
