@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +25,12 @@ MESSAGE_COLLECTIONS = ("sm", "pm", "gm")
 SERVER_SELECTION_TIMEOUT_MS = 2000
 OPERATION_TIMEOUT_MS = 5000
 HEALTH_CHECK_TIMEOUT_SECS = 1.0
+
+
+def process_token() -> str:
+    """Who holds a lease or a claim in the database: this host and process, and a random part
+    (a restarted process with the same pid is someone else)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def create_client(

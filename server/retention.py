@@ -16,10 +16,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import os
-import socket
 import time
-import uuid
 from typing import Any
 
 import pymongo
@@ -29,6 +26,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from models.database import Database
 from models.principal import Principal
 from models.retention import BATCH_TIMEOUT_SECS, Purger, PurgeRunning, require_admin
+from server.db import process_token
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class DatabaseLease:
         self._leases = db.get_collection("leases", write_concern=WriteConcern(w=1))
         self.name = name
         self.lease_secs = lease_secs
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner or process_token()
         self._until = 0.0
 
     async def acquire(self) -> bool:

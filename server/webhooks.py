@@ -29,10 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -58,7 +55,7 @@ from models.outbox import (
     wants,
 )
 from server.config import Settings
-from server.db import message_write_concern
+from server.db import message_write_concern, process_token
 from server.push import PLAN_LEASE_SECS, LocalSockets, PushPlanner
 
 log = logging.getLogger(__name__)
@@ -92,7 +89,7 @@ def retry_delay_secs(attempt: int, max_secs: float) -> float:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str = ""):
+    def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str):
         self._events = db[COLLECTION]
         self._webhooks = settings.webhooks
         self._urls = {"webhook": settings.webhooks.url, "push": settings.push.url or settings.webhooks.url}
@@ -110,7 +107,7 @@ class Dispatcher:
         self._lease_secs = settings.webhooks.timeout_secs + LEASE_EXTRA_SECS
         # message.created lives in the messages (models/outbox.py): this process's new ones wait
         # here, born leased to claim_token; others' and retries are claimed from the collections.
-        self.claim_token = claim_token or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.claim_token = claim_token
         self._messages = {channel: db[channel] for channel in MESSAGE_COLLECTIONS}
         self._hook_records = {channel: BatchedUpdates(db[channel]) for channel in MESSAGE_COLLECTIONS}
         self._hooks_delivered = {
@@ -380,11 +377,11 @@ class Dispatcher:
         if "source" in doc:
             await self._record_hook(doc, error)
             return
-        now = time.time()
-        mine = {"_id": doc["_id"], "claim": doc["claim"]}  # unless a later claim took it over
         if error is None:
             await self._delivered.mark(doc["claim"], doc["_id"])
             return
+        now = time.time()
+        mine = {"_id": doc["_id"], "claim": doc["claim"]}  # unless a later claim took it over
         delay = retry_delay_secs(doc["attempts"], self._webhooks.retry_max_secs)
         expired = now + delay > float(doc.get("ageFrom", now)) + self._webhooks.max_age_hours * 3600
         update: dict[str, Any] = {"lastError": error, "leaseUntil": 0.0}
@@ -430,7 +427,7 @@ def build_events(
     # Filled in below: the outbox hands events to the dispatcher and asks the planner, built after it.
     dispatchers: list[Dispatcher] = []
     planners: list[PushPlanner] = []
-    claim_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    claim_token = process_token()
     outbox = Outbox(
         db,
         message_write_concern(settings),
