@@ -63,6 +63,7 @@ def seed(stack: Stack, old: int, conversations: int, budget_s: float) -> dict[st
                 "content": f"old message {n}: how is the fever today?",
                 "seq": n // conversations + 1,
                 "createdAt": at.replace(microsecond=at.microsecond // 1000 * 1000),
+                "createdMs": int(at.timestamp() * 1000),  # as models/messages.py stores it
             }
         )
         if len(chunk) == SEED_BATCH:
@@ -96,13 +97,14 @@ async def purge(stack: Stack) -> dict[str, Any]:
 async def scenario(stack: Stack, repeats: int, messages: int, concurrency: int) -> dict[str, Any]:
     doctors = [f"s1-doc-{i}" for i in range(10)]
     patients = [f"s1-pat-{i}" for i in range(100)]
+    # nx-27017 digests the seeding (its change log, SQLite) for a while: quiet means quiet. Before
+    # the sockets open: this wait blocks the loop, and sockets that cannot answer pings are closed.
+    print(f"  s10: waited {stack.wait_quiet('nx', 15.0, timeout=180.0)} s for nx-27017 to settle", flush=True)
     receivers = Receivers()
     await receivers.open(stack.ws_url, patients)
     stack.wait_sockets(len(patients))
     out: dict[str, Any] = {"quiet": [], "purging": []}
     try:
-        # nx-27017 digests the seeding (its change log, SQLite) for a while: quiet means quiet.
-        print(f"  s10: waited {stack.wait_quiet('nx', 15.0, timeout=180.0)} s for nx-27017 to settle", flush=True)
         await run_once(stack, receivers, doctors, patients, 300, concurrency, "s10-warm")
         for r in range(repeats):
             res = await run_once(stack, receivers, doctors, patients, messages, concurrency, f"s10-q{r}")

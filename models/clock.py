@@ -20,3 +20,8 @@ def iso(moment: datetime.datetime | str) -> str:
     if isinstance(moment, str):
         moment = datetime.datetime.fromisoformat(moment)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def unix_ms(moment: datetime.datetime) -> int:
+    """Milliseconds since the epoch: a message's `createdMs`, the number its age is indexed by."""
+    return int(moment.timestamp() * 1000)

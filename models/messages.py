@@ -25,7 +25,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from models import validation as v
 from models.audit import AuditRecorder, record_messages_read
 from models.batching import ENCODING_ERRORS, BatchedInserts
-from models.clock import iso, utcnow
+from models.clock import iso, unix_ms, utcnow
 from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
 from models.errors import ClientMsgIdReused, DatabaseUnavailable, InvalidBody, InvalidField, NotAMember
@@ -256,7 +256,11 @@ class MessageService:
             self._check_database()
             for _attempt in range(SEQ_RETRIES):
                 seq = await self._next_seq(ref)
-                doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields, "seq": seq, "createdAt": utcnow()}
+                created = utcnow()
+                # createdMs: the same time as a number, what the retention purge walks by
+                # (models/retention.py; nx-27017 compares dates without its index).
+                doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields, "seq": seq}
+                doc.update(createdAt=created, createdMs=unix_ms(created))
                 hook = self._events.message_fields()  # its message.created is stored with it
                 doc.update(hook)
                 try:

@@ -1,7 +1,8 @@
 """Retention (SPEC §15): what is kept how long, and the purge that deletes the rest.
 
 One purge deletes, in bounded batches:
-- messages of each channel whose `createdAt` is older than that channel's limit (`sm_days`,
+- messages of each channel whose `createdMs` (`createdAt` in milliseconds) is older than that
+  channel's limit (`sm_days`,
   `pm_days`, `gm_days`; 0 keeps forever), except those of held conversations (models/holds.py)
   and except the newest message of each conversation (see below);
   (a deleted message that was recalled or edited takes its kept versions, models/recall.py, along);
@@ -24,13 +25,17 @@ deleted. Nothing else of the summary changes (lastSeq, lastMessage, the markers)
 only what is above both the read marker and purgedSeq (models/inbox.py), and a reconnecting
 socket's backlog starts above purgedSeq, so the missing seqs are not waited for as a gap.
 
-Batches: a purge walks each collection oldest first in time windows (`createdAt`, an audit entry's
-`key`, a delivered event's `deliveredAt`, each indexed), sized so that a window holds about
+Batches: a purge walks each collection oldest first in time windows (a message's `createdMs`, an
+audit entry's `key`, a delivered event's `deliveredAt`, each indexed), sized so that a window holds about
 `batch_size` documents: a window that comes back over WINDOW_CAP_FACTOR batches is retried
 smaller, one that comes back light doubles. Why windows and not "the next batch_size documents
 past the cutoff": nx-27017 reads every document a range matches before it applies a limit, so a
 `$lt cutoff` query over 500,000 old messages costs seconds per batch, while a window's range matches
-about one batch. Each window's documents are deleted `batch_size` ids per round trip (`_id $in`,
+about one batch. Messages are walked by the number `createdMs`, not the date `createdAt`: nx-27017
+compares dates through a function its index cannot serve, so a `createdAt` window reads the whole
+collection (0.5–0.9 s at 500,000 messages, bench/s10_retention.py) where a `createdMs` window
+reads its own documents; a message stored before `createdMs` existed gets it from `createdAt`
+first (`_backfill_created_ms`). Each window's documents are deleted `batch_size` ids per round trip (`_id $in`,
 which nx-27017 serves from `_id`), then the purge pauses about as long as that batch took (at
 least MIN_PAUSE_SECS), so it takes at most about half of the database's time and sends keep
 flowing. Windows are whole seconds (nx-27017 compares dates at whole seconds) and every
@@ -54,6 +59,7 @@ from pymongo import ASCENDING, DESCENDING, UpdateOne, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 
 from models.audit import AuditRecorder, time_key
+from models.clock import unix_ms
 from models.conversations import ConversationRef
 from models.database import Database
 from models.errors import Conflict, Forbidden
@@ -141,13 +147,17 @@ def time_of_key(key: object) -> datetime.datetime | None:
         return None
 
 
-def time_of_unix(value: object) -> datetime.datetime | None:
+def time_of_unix(value: object, per_second: int = 1) -> datetime.datetime | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return datetime.datetime.fromtimestamp(value, datetime.UTC)
+        return datetime.datetime.fromtimestamp(value / per_second, datetime.UTC)
     return None
 
 
-CREATED_AT = TimeField("createdAt", lambda moment: moment, as_utc)
+def time_of_unix_ms(value: object) -> datetime.datetime | None:
+    return time_of_unix(value, 1000)
+
+
+CREATED_MS = TimeField("createdMs", unix_ms, time_of_unix_ms)
 AUDIT_KEY = TimeField("key", time_key, time_of_key)
 DELIVERED_AT = TimeField("deliveredAt", lambda moment: moment.timestamp(), time_of_unix)
 
@@ -292,10 +302,34 @@ class Purger:
         cutoff = cutoff.replace(microsecond=0)  # nx-27017 compares whole seconds: keep the bound exact
         collection = self._messages[channel]
         last_seqs: dict[str, int] = {}  # conv -> the summary's lastSeq (only grows: safe to cache)
-        async for batch in self._windows(collection, CREATED_AT, cutoff, MESSAGE_FIELDS):
+        await self._backfill_created_ms(collection, between)
+        async for batch in self._windows(collection, CREATED_MS, cutoff, MESSAGE_FIELDS):
             began = time.monotonic()
             with pymongo.timeout(BATCH_TIMEOUT_SECS):
                 counts[channel] += await self._delete_messages(channel, batch, cutoff, last_seqs)
+            await self._pause(began, between)
+
+    async def _backfill_created_ms(self, collection: AsyncCollection[dict[str, Any]], between: BetweenBatches) -> None:
+        """Give messages stored without `createdMs` (before it existed) the one their `createdAt`
+        says, a batch at a time; one without a readable createdAt gets 0 (its age unknown:
+        `_may_delete` never takes it)."""
+        missing = {"createdMs": {"$exists": False}}  # served by the created_ms index
+        previous: set[Any] = set()
+        while True:
+            began = time.monotonic()
+            with pymongo.timeout(BATCH_TIMEOUT_SECS):
+                docs = await collection.find(missing, {"createdAt": 1}).limit(self.policy.batch_size).to_list()
+                ids = {doc["_id"] for doc in docs}
+                if not docs or ids <= previous:  # nothing left, or the last batch did not take
+                    return
+                updates = []
+                for doc in docs:
+                    created = as_utc(doc.get("createdAt"))
+                    millis = unix_ms(created) if created is not None else 0
+                    updates.append(UpdateOne({"_id": doc["_id"]}, {"$set": {"createdMs": millis}}))
+                await collection.bulk_write(updates, ordered=False)
+            previous = ids
+            log.info("retention: gave %d %s messages their createdMs", len(docs), collection.name)
             await self._pause(began, between)
 
     async def _delete_messages(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ from typing import Any
 
 import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, WriteConcern, monitoring
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from models.database import Database
 from server.config import Settings
@@ -200,11 +201,16 @@ async def ensure_audit_indexes(db: Database) -> None:
 
 
 async def ensure_retention_indexes(db: Database) -> None:
-    """SPEC §15: what the purge walks (models/retention.py): messages by age, delivered webhook
-    events by delivery time ($eq status + a deliveredAt range: nx-27017 uses the compound index),
-    and the originals of changed messages by the file they carry."""
+    """SPEC §15: what the purge walks (models/retention.py): messages by age (`createdMs`), delivered
+    webhook events by delivery time ($eq status + a deliveredAt range: nx-27017 uses the compound
+    index), and the originals of changed messages by the file they carry."""
     for name in MESSAGE_COLLECTIONS:
-        await db[name].create_indexes([IndexModel([("createdAt", ASCENDING)], name="created_at")])
+        await db[name].create_indexes([IndexModel([("createdMs", ASCENDING)], name="created_ms")])
+        # The createdAt index the purge walked before (nx-27017 could not use it for a date range;
+        # since/until lists go by conv): one index less to write per message.
+        if "created_at" in await db[name].index_information():
+            with contextlib.suppress(OperationFailure):  # another process starting dropped it first
+                await db[name].drop_index("created_at")
     await db.webhook_events.create_indexes(
         [IndexModel([("status", ASCENDING), ("deliveredAt", ASCENDING)], name="status_delivered_at")]
     )

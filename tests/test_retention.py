@@ -18,7 +18,7 @@ import pytest
 from bson import ObjectId
 
 from models.audit import time_key
-from models.clock import utcnow
+from models.clock import unix_ms, utcnow
 from models.conversations import ConversationRef, pm_conv
 from models.principal import Principal
 from models.retention import Purger, RetentionPolicy
@@ -57,6 +57,7 @@ async def store_old(services, channel, conv, fields, count, age_days, first_seq=
             **extra,
             "seq": first_seq + n,
             "createdAt": start + datetime.timedelta(milliseconds=n),
+            "createdMs": unix_ms(start + datetime.timedelta(milliseconds=n)),
         }
         for n in range(count)
     ]
@@ -384,7 +385,10 @@ async def test_after_a_purge_unread_backlog_and_history_stay_right(api, services
 async def test_group_backlog_after_a_purge(api, services):
     await make_group(api, gid="ward-5", members=("Rose", "Jack"))  # seq 1: group.created ...
     notice = await services.db.gm.find_one_and_delete({"conv": "ward-5", "seq": 1})
-    await services.db.gm.insert_one({**notice, "createdAt": days_ago(61)})  # ... made 61 days old
+    made_old = days_ago(61)
+    await services.db.gm.insert_one(
+        {**notice, "createdAt": made_old, "createdMs": unix_ms(made_old)}
+    )  # ... 61 days old
     await store_old(services, "gm", "ward-5", {"from": "Rose", "group": "ward-5", "groupType": 1}, 4, 60, 2)
     sent = await api.post(
         "/api/v1/chats/gm", {"from": "Rose", "group": "ward-5", "contentType": 1, "content": "now"}, as_=DOCTOR
@@ -419,6 +423,22 @@ async def test_the_purge_deletes_in_bounded_batches_and_yields_between_them(api,
     counts = await purger.purge(between_batches=between)
     assert counts["pm"] == 14 and len(pauses) >= 4
     assert len(await seqs(services, "pm", pm_conv("Rose", "Lily"))) == 8
+
+
+@pytest.mark.gen_test
+async def test_messages_stored_before_created_ms_existed_are_purged_by_their_created_at(api, services):
+    """The purge walks `createdMs`; a message without it gets it from createdAt first."""
+    old = await store_old_pm(services, "Rose", "Jack", 5)
+    await services.db.pm.update_many({"_id": {"$in": [doc["_id"] for doc in old]}}, {"$unset": {"createdMs": ""}})
+    unreadable = {**old[0], "_id": str(ObjectId()), "seq": 6, "createdAt": "not a time"}
+    del unreadable["createdMs"]
+    await services.db.pm.insert_one(unreadable)
+    await api.send_pm("Rose", "Jack", "recent")
+    purger = Purger(services.db, RetentionPolicy(pm_days=30, batch_size=2), services.holds)
+    assert (await purger.purge())["pm"] == 5
+    assert await seqs(services, "pm", pm_conv("Rose", "Jack")) == [6, 7]
+    left = await services.db.pm.find_one({"_id": unreadable["_id"]})
+    assert left["createdMs"] == 0  # never purged: its age is unknown
 
 
 @pytest.mark.gen_test
@@ -480,8 +500,9 @@ async def test_an_expired_lease_is_taken_over_and_its_owner_stops(services):
 async def test_the_purge_walks_indexes(services):
     """The purge's queries use indexes on nx-27017 (SQLite's plan says SEARCH … USING INDEX)."""
     shapes = [
-        ("pm", {"createdAt": {"$lt": utcnow()}}),
-        ("pm", {"createdAt": {"$gte": days_ago(2), "$lt": utcnow()}}),
+        ("pm", {"createdMs": {"$lt": unix_ms(utcnow())}}),
+        ("pm", {"createdMs": {"$gte": unix_ms(days_ago(2)), "$lt": unix_ms(utcnow())}}),
+        ("pm", {"createdMs": {"$exists": False}}),
         ("audit", {"key": {"$lt": "e2026"}}),
         ("webhook_events", {"status": {"$eq": "delivered"}, "deliveredAt": {"$lt": 1.0}}),
         ("message_versions", {"content": {"$eq": "6b0a00000000000000000000"}}),
