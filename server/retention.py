@@ -35,9 +35,6 @@ LEASE_SECS = 120.0
 RETRY_AFTER_FAILURE_SECS = 600.0  # a purge that failed (database away) is tried again this soon
 
 
-STOP_GRACE_SECS = 3.0  # how long shutdown waits for a cancelled purge to record itself
-
-
 class LeaseLost(PurgeRunning):
     """Another process took the lease over (ours ran out while we were stalled): that one purges now."""
 
@@ -124,11 +121,7 @@ class RetentionRunner:
         """Stop the schedule; a purge in progress stops between two batches (the lease expires)."""
         if self._task is not None:
             self._task.cancel()
-            # Bounded: a purge cancelled mid-batch still records its counts and gives its lease
-            # back; if that hangs, shutdown goes on (the lease runs out) rather than never exiting.
-            _done, pending = await asyncio.wait({self._task}, timeout=STOP_GRACE_SECS)
-            if pending:
-                log.warning("retention purge did not stop within %.0fs; shutting down anyway", STOP_GRACE_SECS)
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def _schedule(self) -> None:
