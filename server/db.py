@@ -208,11 +208,9 @@ async def ensure_retention_indexes(db: Database) -> None:
         await db[name].create_indexes([IndexModel([("createdMs", ASCENDING)], name="created_ms")])
         # The createdAt index the purge walked before (nx-27017 could not use it for a date range;
         # since/until lists go by conv): one index less to write per message.
-        # Found by its key: nx-27017 names indexes itself.
-        for index_name, info in (await db[name].index_information()).items():
-            if [tuple(part) for part in info.get("key", [])] == [("createdAt", ASCENDING)]:
-                with contextlib.suppress(OperationFailure):  # another process starting dropped it first
-                    await db[name].drop_index(index_name)
+        if "created_at" in await db[name].index_information():
+            with contextlib.suppress(OperationFailure):  # another process starting dropped it first
+                await db[name].drop_index("created_at")
     await db.webhook_events.create_indexes(
         [IndexModel([("status", ASCENDING), ("deliveredAt", ASCENDING)], name="status_delivered_at")]
     )

@@ -16,7 +16,6 @@ import time
 
 import pytest
 from bson import ObjectId
-from pymongo import IndexModel
 
 from models.audit import time_key
 from models.clock import unix_ms, utcnow
@@ -24,7 +23,6 @@ from models.conversations import ConversationRef, pm_conv
 from models.principal import Principal
 from models.retention import Purger, RetentionPolicy
 from server.config import ConfigError, load_settings
-from server.db import ensure_retention_indexes
 from server.retention import LEASE_NAME, DatabaseLease
 from server.services import build_services, retention_policy
 from tests.helpers import DOCTOR, PATIENT, SERVICE, assert_error, make_group
@@ -531,11 +529,3 @@ async def test_a_recalled_messages_versions_and_file_follow_the_message(api, ser
     assert [doc["messageId"] async for doc in services.db.message_versions.find({})] == [recent["id"]]
     files = {str(doc["_id"]) async for doc in services.db["attachments.files"].find({})}
     assert files == {kept_file}  # the recalled message is kept, so is the original's file
-
-
-@pytest.mark.gen_test
-async def test_start_up_drops_the_created_at_index_the_purge_no_longer_walks(services):
-    await services.db.pm.create_indexes([IndexModel([("createdAt", 1)], name="created_at")])
-    await ensure_retention_indexes(services.db)
-    keys = [[tuple(part) for part in info["key"]] for info in (await services.db.pm.index_information()).values()]
-    assert [("createdMs", 1)] in keys and [("createdAt", 1)] not in keys
