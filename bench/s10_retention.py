@@ -30,6 +30,7 @@ from bson import ObjectId
 
 from bench.harness import Stack, token
 from bench.s1_rest_ws import Receivers, run_once
+from models.clock import unix_ms
 from models.conversations import pm_conv
 
 SEED_BATCH = 10_000
@@ -63,7 +64,7 @@ def seed(stack: Stack, old: int, conversations: int, budget_s: float) -> dict[st
                 "content": f"old message {n}: how is the fever today?",
                 "seq": n // conversations + 1,
                 "createdAt": at.replace(microsecond=at.microsecond // 1000 * 1000),
-                "createdMs": int(at.timestamp() * 1000),  # as models/messages.py stores it
+                "createdMs": unix_ms(at),  # as models/messages.py stores it
             }
         )
         if len(chunk) == SEED_BATCH:

@@ -2,9 +2,8 @@
 
 One purge deletes, in bounded batches:
 - messages of each channel whose `createdMs` (`createdAt` in milliseconds) is older than that
-  channel's limit (`sm_days`,
-  `pm_days`, `gm_days`; 0 keeps forever), except those of held conversations (models/holds.py)
-  and except the newest message of each conversation (see below);
+  channel's limit (`sm_days`, `pm_days`, `gm_days`; 0 keeps forever), except those of held
+  conversations (models/holds.py) and except the newest message of each conversation (see below);
   (a deleted message that was recalled or edited takes its kept versions, models/recall.py, along);
 - files (GridFS) uploaded more than a day ago that no kept message carries (nor a kept version of
   a recalled or edited one: the original is never lost while its message is kept) and no held

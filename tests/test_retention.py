@@ -385,10 +385,9 @@ async def test_after_a_purge_unread_backlog_and_history_stay_right(api, services
 async def test_group_backlog_after_a_purge(api, services):
     await make_group(api, gid="ward-5", members=("Rose", "Jack"))  # seq 1: group.created ...
     notice = await services.db.gm.find_one_and_delete({"conv": "ward-5", "seq": 1})
-    made_old = days_ago(61)
-    await services.db.gm.insert_one(
-        {**notice, "createdAt": made_old, "createdMs": unix_ms(made_old)}
-    )  # ... 61 days old
+    made_old = days_ago(61)  # ... made 61 days old
+    old_notice = {**notice, "createdAt": made_old, "createdMs": unix_ms(made_old)}
+    await services.db.gm.insert_one(old_notice)
     await store_old(services, "gm", "ward-5", {"from": "Rose", "group": "ward-5", "groupType": 1}, 4, 60, 2)
     sent = await api.post(
         "/api/v1/chats/gm", {"from": "Rose", "group": "ward-5", "contentType": 1, "content": "now"}, as_=DOCTOR
