@@ -172,13 +172,16 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Stop claiming; attempts in flight end (a lease left behind expires, the event is retried)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for task in list(self._deliveries):
+        tasks = [] if self._task is None else [self._task]
+        self._task = None
+        tasks += self._deliveries
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if tasks:
+            # Bounded: a task that swallows its cancellation must not hold up shutting down.
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECS)
+            if pending:
+                log.warning("webhook dispatcher: %d tasks did not stop in time", len(pending))
         try:  # bounded, like the rest of shutting down
             await asyncio.wait_for(self._release_local(), STOP_TIMEOUT_SECS)
         except (TimeoutError, PyMongoError) as exc:

@@ -14,7 +14,7 @@ from server.auth import mint_token
 from server.config import Settings, load_settings
 from server.db import create_client, ensure_indexes
 from server.services import build_services
-from tests.helpers import Api, wait_until
+from tests.helpers import TEARDOWN_TIMEOUT_SECS, Api, wait_until
 from tests.processes import ROOT, MongoProcess, ServerProcess, free_port
 
 
@@ -68,9 +68,9 @@ def services(settings, io_loop):
         if leftover:
             await asyncio.wait(leftover, timeout=5)
 
-    io_loop.run_sync(settle)
-    io_loop.run_sync(lambda: client.drop_database(settings.db_name))
-    io_loop.run_sync(client.close)
+    io_loop.run_sync(settle, timeout=TEARDOWN_TIMEOUT_SECS)
+    io_loop.run_sync(lambda: client.drop_database(settings.db_name), timeout=TEARDOWN_TIMEOUT_SECS)
+    io_loop.run_sync(client.close, timeout=TEARDOWN_TIMEOUT_SECS)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 FRAME_TIMEOUT_SECS = 5.0
+# A fixture's teardown that waits longer fails its test rather than stalling the whole run.
+TEARDOWN_TIMEOUT_SECS = 30
 
 # Who calls: as_=DOCTOR, as_=PATIENT, as_=SERVICE (the platform back end).
 DOCTOR = ("Rose", "doctor")

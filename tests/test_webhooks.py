@@ -16,7 +16,7 @@ from tornado.httpserver import HTTPServer
 from tornado.tcpserver import TCPServer
 
 from server.config import ConfigError, load_settings
-from tests.helpers import assert_error, make_group, wait_until
+from tests.helpers import TEARDOWN_TIMEOUT_SECS, assert_error, make_group, wait_until
 from tests.processes import free_port
 
 SECRET = "whsec-0123456789abcdef"
@@ -102,7 +102,7 @@ def dispatcher(services, io_loop):
 
     io_loop.run_sync(start)
     yield services.webhooks
-    io_loop.run_sync(services.webhooks.stop)
+    io_loop.run_sync(services.webhooks.stop, timeout=TEARDOWN_TIMEOUT_SECS)
 
 
 async def wait_for_event(receiver: Receiver, type_: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
