@@ -88,6 +88,16 @@ def retry_delay_secs(attempt: int, max_secs: float) -> float:
     return float(min(FIRST_RETRY_SECS * 2 ** min(attempt - 1, 30), max_secs))
 
 
+async def _cancel_bounded(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and wait; bounded, so a task that swallows its cancellation cannot hold up shutting down."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECS)
+        if pending:
+            log.warning("webhook dispatcher: %d tasks did not stop in time", len(pending))
+
+
 class Dispatcher:
     def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str):
         self._events = db[COLLECTION]
@@ -172,16 +182,11 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Stop claiming; attempts in flight end (a lease left behind expires, the event is retried)."""
-        tasks = [] if self._task is None else [self._task]
-        self._task = None
-        tasks += self._deliveries
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # Bounded: a task that swallows its cancellation must not hold up shutting down.
-            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECS)
-            if pending:
-                log.warning("webhook dispatcher: %d tasks did not stop in time", len(pending))
+        # The claim loop first, so that it starts no delivery after the deliveries are cancelled.
+        if self._task is not None:
+            claiming, self._task = self._task, None
+            await _cancel_bounded([claiming])
+        await _cancel_bounded(list(self._deliveries))
         try:  # bounded, like the rest of shutting down
             await asyncio.wait_for(self._release_local(), STOP_TIMEOUT_SECS)
         except (TimeoutError, PyMongoError) as exc:
