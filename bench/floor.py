@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,18 @@ async def one_run(
     }
 
 
+def wait_listening(port: int, child: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bare Tornado process did not start listening") from None
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the child's own entry
@@ -115,9 +128,7 @@ def main() -> None:
     port = free_port()
     child = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", str(port)])
     try:
-        deadline = time.monotonic() + 10
-        while not psutil.Process(child.pid).net_connections(kind="tcp") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_listening(port, child)
         runs = []
         for n in range(args.repeats):
             run = asyncio.run(
