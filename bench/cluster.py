@@ -4,8 +4,8 @@ Three set-ups, each on a fresh database of the same nx-27017, with the scenario-
 POST pm messages, C in flight, to R connected patients; POST start → socket receipt):
 
 - ``1p-off``:  one process, IM_CHANGE_STREAMS=off (the test profile's default; scenario 1's set-up);
-- ``1p-auto``: one process, IM_CHANGE_STREAMS=auto: its own messages are still published at once, so
-  this shows what following the change streams costs single-process delivery;
+- ``1p-auto``: one process, IM_CHANGE_STREAMS=auto: alone, it opens no change stream (server/fanout.py),
+  so this should match ``1p-off``;
 - ``2p-auto``: two processes, both IM_CHANGE_STREAMS=auto; the patients' sockets are on process A
   and the doctors POST to process B, which holds no socket, so every message reaches its recipient
   through A's change stream.

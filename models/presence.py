@@ -34,6 +34,16 @@ INSTANCE_STALE_AFTER_SECS = 3 * HEARTBEAT_INTERVAL_SECS
 WITHDRAW_TIMEOUT_SECS = 2.0
 
 
+def beat_of(instance: dict[str, Any]) -> datetime.datetime:
+    """An instance document's last heartbeat, as an aware datetime."""
+    beat = instance["beatAt"]
+    if isinstance(beat, str):  # nx-27017: see models/clock.iso
+        beat = datetime.datetime.fromisoformat(beat)
+    if beat.tzinfo is None:
+        beat = beat.replace(tzinfo=datetime.UTC)
+    return beat  # type: ignore[no-any-return]
+
+
 class LocalSockets(Protocol):
     """This process's sockets (server/hub.py): who is online here, and news of first/last sockets."""
 
@@ -98,16 +108,22 @@ class Presence:
 
     # ---- the heartbeat that lets other processes trust onlineOn --------------------------------
 
-    def start_heartbeat(self) -> None:
+    async def start_heartbeat(self) -> None:
+        """The first beat now (before serving: other processes then know of this one before it
+        stores anything, server/fanout.py), then every HEARTBEAT_INTERVAL_SECS."""
+        await self._beat_once()
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat_once(self) -> None:
+        try:
+            await self._instances.update_one({"_id": self.instance_id}, {"$set": {"beatAt": utcnow()}}, upsert=True)
+        except PyMongoError as exc:
+            log.warning("presence heartbeat failed: %s", exc)
 
     async def _beat(self) -> None:
         while True:
-            try:
-                await self._instances.update_one({"_id": self.instance_id}, {"$set": {"beatAt": utcnow()}}, upsert=True)
-            except PyMongoError as exc:
-                log.warning("presence heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_INTERVAL_SECS)
+            await self._beat_once()
 
     async def withdraw(self) -> None:
         """Shutdown: every socket here is closing. One write marks all their users, instead of one
@@ -182,9 +198,6 @@ class Presence:
     async def _any_alive(self, instance_ids: list[str]) -> bool:
         fresh_since = utcnow() - datetime.timedelta(seconds=INSTANCE_STALE_AFTER_SECS)
         async for doc in self._instances.find({"_id": {"$in": instance_ids}}):
-            beat = doc["beatAt"]
-            if isinstance(beat, str):  # nx-27017: see models/clock.iso
-                beat = datetime.datetime.fromisoformat(beat).replace(tzinfo=datetime.UTC)
-            if beat >= fresh_since:
+            if beat_of(doc) >= fresh_since:
                 return True
         return False

@@ -10,6 +10,14 @@ Idle cost: on MongoDB an empty getMore waits server-side (`max_await_time_ms`), 
 is one round trip a second. nx-27017 ignores maxAwaitTimeMS and answers at once, and its
 database-level `watch()` yields no events (so one stream per collection, not one for all three):
 there the follower polls at 20 ms while changes come and backs off to QUIET_POLL_MAX_SECS when quiet.
+
+Alone, a process follows nothing: every message is its own, published at once, and reading each back
+from the stream only to drop it cost ~8 % of the server's CPU per message (and, on nx-27017, a
+changelog row per write). The process looks in the instance registry (models/presence.py) every
+PEER_POLL_SECS; when another live process shows up it opens the streams and catches up, from the
+collections, on what was stored since it last knew itself alone (the peer may have sent before the
+streams opened: those messages reach the sockets up to a poll late, still in order, once). When no
+peer has been alive for PEER_GONE_SECS it closes them again.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bson import ObjectId
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -29,6 +38,7 @@ from models.conversations import ConversationRef
 from models.database import Database
 from models.groups import GroupStore
 from models.messages import message_to_wire, recipients_of
+from models.presence import INSTANCE_STALE_AFTER_SECS, beat_of
 from models.recent import RecentIds
 from server.db import MESSAGE_COLLECTIONS
 from server.hub import Hub
@@ -48,6 +58,17 @@ BUSY_HOLD_SECS = 2.0  # a conversation with a message every 2 s or faster stays 
 RETRY_BACKOFF_MAX_SECS = 5.0
 # Long enough for the storing process to have written the conversation summary.
 JUST_STORED_KEEP_SECS = 30.0
+# How often a process looks for other live processes, and so how late at most the first messages of a
+# newly started peer reach this process's sockets (caught up from the collections).
+PEER_POLL_SECS = 1.0
+# With no other live process for this long, the streams close (a crashed peer's instance stays
+# "alive" for INSTANCE_STALE_AFTER_SECS; a restart under supervisord must not follow forever).
+PEER_GONE_SECS = 2 * INSTANCE_STALE_AFTER_SECS
+# The catch-up reads messages by the time in their ObjectId, made by the storing process's clock
+# (seconds): this much earlier covers skew between machines.
+CATCH_UP_MARGIN_SECS = 5.0
+CATCH_UP_MAX_MESSAGES = 10_000  # per collection; a peer that stored more before the streams opened is
+# far past a poll late, and its recipients' sockets get the rest from their backlog on reconnect
 
 
 class JustStored:
@@ -122,9 +143,11 @@ class PollPacer:
 
 
 async def change_streams_supported(db: Database) -> bool:
-    """False on a standalone MongoDB (change streams need a replica set)."""
+    """False on a standalone MongoDB (change streams need a replica set). Asked of `accounts`,
+    followed whenever streams are on: nx-27017 tracks every write to a watched collection from
+    then on, and a message collection need be watched only while another process is alive."""
     try:
-        async with await db[MESSAGE_COLLECTIONS[0]].watch():
+        async with await db.accounts.watch():
             return True
     except OperationFailure as exc:
         log.warning(
@@ -181,7 +204,8 @@ async def follow_collection(
 
 
 class ChangeStreamFanout:
-    """Follows the message collections and delivers other processes' messages to this process's sockets."""
+    """Follows the message collections, while another process is alive, and delivers the other
+    processes' messages to this process's sockets."""
 
     def __init__(
         self,
@@ -189,6 +213,8 @@ class ChangeStreamFanout:
         hub: Hub,
         groups: GroupStore,
         local_ids: RecentIds,
+        *,
+        instance_id: str,  # this process in the instance registry (models/presence.py)
         on_lag: Callable[[str, object], None] | None = None,  # metrics: (collection, createdAt)
     ):
         self._on_lag = on_lag
@@ -196,29 +222,93 @@ class ChangeStreamFanout:
         self._hub = hub
         self._groups = groups
         self._local_ids = local_ids
+        self._instance_id = instance_id
+        self._watch: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.just_stored = JustStored()
         self._stopping = False
 
+    @property
+    def following(self) -> bool:
+        """Are the change streams open (another process is alive)?"""
+        return bool(self._tasks)
+
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._follow(name)) for name in MESSAGE_COLLECTIONS]
-        log.info("change-stream fan-out started on %s", ", ".join(MESSAGE_COLLECTIONS))
+        self._watch = asyncio.get_running_loop().create_task(self._watch_peers())
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
+        tasks = self._tasks + ([self._watch] if self._watch is not None else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
 
-    async def _follow(self, collection: str) -> None:
-        """Follow one message collection forever, delivering what other processes insert."""
+    async def _watch_peers(self) -> None:
+        """Open the streams while another process is alive; see the module docstring."""
+        # Messages other processes stored since this moment may not have reached the sockets here.
+        uncovered_since = time.time()
+        last_peer_at = -math.inf
+        while True:
+            looked_at = time.time()
+            try:
+                alive = await self.peers_alive()
+            except PyMongoError as exc:
+                log.warning("cannot read the instance registry (%s); looking again in %.0fs", exc, PEER_POLL_SECS)
+                alive = None
+            if alive:
+                last_peer_at = looked_at
+                if not self._tasks:
+                    self._start_following(uncovered_since)
+            elif alive is not None and self._tasks and looked_at - last_peer_at >= PEER_GONE_SECS:
+                await self._stop_following()
+                uncovered_since = looked_at
+            elif alive is not None and not self._tasks:
+                uncovered_since = looked_at  # alone: nobody stored anything before this look
+            await asyncio.sleep(PEER_POLL_SECS)
+
+    async def peers_alive(self) -> bool:
+        """Does any other process beat in the instance registry?"""
+        fresh = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=INSTANCE_STALE_AFTER_SECS)
+        async for doc in self._db.instances.find({"_id": {"$ne": self._instance_id}}, {"beatAt": 1}):
+            if beat_of(doc) >= fresh:
+                return True
+        return False
+
+    def _start_following(self, uncovered_since: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow(name, uncovered_since)) for name in MESSAGE_COLLECTIONS]
+        log.info("another process is alive: change-stream fan-out started on %s", ", ".join(MESSAGE_COLLECTIONS))
+
+    async def _stop_following(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("no other process alive for %.0fs: change-stream fan-out stopped", PEER_GONE_SECS)
+
+    async def _follow(self, collection: str, uncovered_since: float) -> None:
+        """Follow one message collection until stopped, delivering what other processes insert;
+        once its stream is open, what they stored since uncovered_since too."""
         await follow_collection(
             self._db[collection],
             lambda change: self._deliver(collection, change.get("fullDocument")),
             stopping=lambda: self._stopping,
             pipeline=[{"$match": {"operationType": "insert"}}],
+            on_open=lambda: self._catch_up(collection, uncovered_since),
         )
+
+    async def _catch_up(self, collection: str, since: float) -> None:
+        """Deliver the messages stored since `since` (the stream is open: nothing falls in between).
+        What this process stored itself, or a socket has already, is dropped (server/ordering.py)."""
+        start = datetime.datetime.fromtimestamp(since - CATCH_UP_MARGIN_SECS, datetime.UTC)
+        found = self._db[collection].find({"_id": {"$gte": str(ObjectId.from_datetime(start))}})
+        docs = await found.limit(CATCH_UP_MAX_MESSAGES).to_list()
+        docs.sort(key=lambda doc: (str(doc.get("conv")), int(doc.get("seq", 0))))
+        for doc in docs:
+            await self._deliver(collection, doc)
+        if docs:
+            log.info("change-stream fan-out on %s: caught up on %d messages", collection, len(docs))
 
     async def _deliver(self, channel: str, doc: dict[str, Any] | None) -> None:
         if not doc or doc.get("_id") in self._local_ids or "seq" not in doc:

@@ -106,7 +106,7 @@ async def serve(settings: Settings) -> int:
             services.accounts.start()
             stack.push_async_callback(services.accounts.stop)
         await services.conversations.upgrade_summaries()  # once: summaries older than issue 13
-        services.presence.start_heartbeat()
+        await services.presence.start_heartbeat()
         if services.fanout is not None:
             services.fanout.start()
             stack.push_async_callback(services.fanout.stop)

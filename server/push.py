@@ -29,7 +29,7 @@ from models.database import Database
 from models.groups import GroupStore
 from models.messages import recipients_of
 from models.outbox import COLLECTION, Outbox
-from models.presence import INSTANCE_STALE_AFTER_SECS
+from models.presence import INSTANCE_STALE_AFTER_SECS, beat_of
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,7 @@ class PushPlanner:
         if instances:
             fresh = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=INSTANCE_STALE_AFTER_SECS)
             async for doc in self._db.instances.find({"_id": {"$in": sorted(instances)}}):
-                beat = doc["beatAt"]
-                if isinstance(beat, str):
-                    beat = datetime.datetime.fromisoformat(beat).replace(tzinfo=datetime.UTC)
-                if beat.tzinfo is None:
-                    beat = beat.replace(tzinfo=datetime.UTC)
-                if beat >= fresh:
+                if beat_of(doc) >= fresh:
                     alive.add(doc["_id"])
         return [u for u in candidates if not any(i in alive for i in online_on.get(u, []))]
 

@@ -149,7 +149,14 @@ def build_services(
     )
     directory = UserDirectory(db)
     fanout = (
-        ChangeStreamFanout(db, hub, groups, messages.stored_ids, on_lag=metrics.note_change_stream_lag)
+        ChangeStreamFanout(
+            db,
+            hub,
+            groups,
+            messages.stored_ids,
+            instance_id=presence.instance_id,
+            on_lag=metrics.note_change_stream_lag,
+        )
         if follow_other_processes
         else None
     )

@@ -13,8 +13,9 @@ from pymongo import AsyncMongoClient, monitoring
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from server import fanout as fanout_module
 from server.auth import mint_token
-from server.fanout import QUIET_POLL_MAX_SECS, ChangeStreamFanout, PollPacer
+from server.fanout import PEER_POLL_SECS, QUIET_POLL_MAX_SECS, ChangeStreamFanout, PollPacer
 from tests.helpers import wait_until
 from tests.processes import ServerProcess, free_port
 
@@ -243,7 +244,13 @@ async def test_idle_follower_polls_a_few_times_a_second_and_the_first_message_af
     counter = GetMoreCounter()
     client: AsyncMongoClient[dict] = AsyncMongoClient(settings.mongo_uri, tz_aware=True, event_listeners=[counter])
     # This process's fan-out, wired as server/lifecycle.py wires it, on a client whose getMores we count.
-    fanout = ChangeStreamFanout(client[settings.db_name], services.hub, services.groups, services.messages.stored_ids)
+    fanout = ChangeStreamFanout(
+        client[settings.db_name],
+        services.hub,
+        services.groups,
+        services.messages.stored_ids,
+        instance_id=services.presence.instance_id,
+    )
     try:
         jack = await api.ws("Jack")
         fanout.start()
@@ -296,3 +303,50 @@ def test_poll_pacer_backs_off_when_quiet_and_is_fast_again_on_a_change():
     now[0] += 1.0
     pacer.next_wait()
     assert pacer.pace_secs == pytest.approx(0.04)  # then backs off again
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_alone_a_process_follows_nothing_and_a_peer_starts_and_stops_its_streams(
+    services, settings, api, mongo, tmp_path, monkeypatch
+):
+    """Alone, every message is this process's own: no stream is open. A peer that comes up opens
+    them, and what it stored before they opened still reaches this process's socket, once; a
+    peer gone for PEER_GONE_SECS closes them."""
+    monkeypatch.setattr(fanout_module, "PEER_GONE_SECS", 1.0)
+    fanout = ChangeStreamFanout(
+        services.db, services.hub, services.groups, services.messages.stored_ids, instance_id="this-process"
+    )
+    jack = await api.ws("Jack")
+    fanout.start()
+    try:
+        await asyncio.sleep(1.5 * PEER_POLL_SECS)
+        assert not fanout.following
+
+        peer = ServerProcess(free_port(), mongo.uri, settings.db_name, tmp_path / "peer.log").start()
+        try:
+            # Stored on the peer before this process looked again: only the catch-up can bring it.
+            code, sent = await post(
+                peer,
+                "/api/v1/chats/pm",
+                {"from": "Rose", "to": "Jack", "contentType": 1, "content": "from the new peer"},
+                "Rose",
+                "doctor",
+            )
+            assert code == 201
+            frame = await jack.recv_type("message", timeout=3 * PEER_POLL_SECS + 2)
+            assert frame["message"]["id"] == sent["id"]
+            assert fanout.following
+            code, second = await post(
+                peer,
+                "/api/v1/chats/pm",
+                {"from": "Rose", "to": "Jack", "contentType": 1, "content": "through the stream"},
+                "Rose",
+                "doctor",
+            )
+            frame = await jack.recv_type("message", timeout=5)
+            assert frame["message"]["id"] == second["id"]  # the first one was not delivered twice
+        finally:
+            peer.stop()  # a clean stop withdraws its instance
+        await wait_until(lambda: not fanout.following, timeout=5 * PEER_POLL_SECS, message="streams still open")
+    finally:
+        await fanout.stop()
