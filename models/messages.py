@@ -263,6 +263,10 @@ class MessageService:
                 doc.update(createdAt=created, createdMs=unix_ms(created))
                 hook = self._events.message_fields()  # its message.created is stored with it
                 doc.update(hook)
+                # Known as this process's own before it is sent: the change stream can hand the
+                # insert back (server/fanout.py) before its reply arrives here, and it would go
+                # to the sender's own socket as someone else's message.
+                self.stored_ids.add(doc["_id"])
                 try:
                     await inserts.insert(doc)
                 except DuplicateKeyError:
@@ -285,7 +289,6 @@ class MessageService:
                     self._last_seq.pop(ref.key, None)  # unknown outcome: reload next time
                     raise
                 self._remember_seq(ref.key, seq)
-                self.stored_ids.add(doc["_id"])
                 if self._on_stored is not None:
                     self._on_stored(ref.channel)
                 await self._conversations.record_message(ref, doc, draft.summary_members)

@@ -350,3 +350,54 @@ async def test_alone_a_process_follows_nothing_and_a_peer_starts_and_stops_its_s
         await wait_until(lambda: not fanout.following, timeout=5 * PEER_POLL_SECS, message="streams still open")
     finally:
         await fanout.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_websocket_sender_never_gets_its_own_message_back_through_the_change_stream(cluster):
+    """With a peer alive, this process follows its own inserts too: the change stream can hand a
+    message back before the insert's reply, and the sender's socket got it as a message frame (an
+    echo of ~0.5 % of sends). 10 pairs on A, 60 messages each way, 4 in flight per sender."""
+    a, b = cluster
+    await wait_until(lambda: "change-stream fan-out started" in a.log_text(), timeout=10, message="A not following")
+    pairs = [(f"echo-{i}a", f"echo-{i}b") for i in range(10)]
+    users = [u for pair in pairs for u in pair]
+    conns = {user: await connect(a, user) for user in users}
+    partner = {x: y for pair in pairs for x, y in (pair, pair[::-1])}
+    per_user, window = 60, 4
+    echoes: list[tuple[str, int]] = []
+    received = {user: 0 for user in users}
+    acked = {user: 0 for user in users}
+
+    async def read(user: str) -> None:
+        while received[user] < per_user or acked[user] < per_user:
+            raw = await asyncio.wait_for(conns[user].read_message(), 20)
+            assert raw is not None, f"{user}'s socket closed"
+            frame = json.loads(raw)
+            if frame["type"] == "message":
+                if frame["message"]["from"] == user:
+                    echoes.append((user, frame["message"]["seq"]))
+                else:
+                    received[user] += 1
+            elif frame["type"] == "ack":
+                acked[user] += 1
+            elif frame["type"] == "error":
+                raise AssertionError(frame)
+
+    async def send(user: str) -> None:
+        for i in range(per_user):
+            while i - acked[user] >= window:
+                await asyncio.sleep(0.002)
+            frame = {
+                "type": "pm",
+                "to": partner[user],
+                "contentType": 1,
+                "content": f"{i}",
+                "clientMsgId": f"{user}-{i}",
+            }
+            await conns[user].write_message(json.dumps(frame))
+
+    await asyncio.gather(*(read(u) for u in users), *(send(u) for u in users))
+    assert echoes == []
+    assert all(n == per_user for n in received.values())
+    for conn in conns.values():
+        conn.close()
