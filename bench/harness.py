@@ -267,19 +267,22 @@ class Stack:
         )
         return data
 
-    def db_operations(self) -> float | None:
-        """Database commands the server has sent so far (its /metrics; None when metrics are off)."""
+    def db_operations(self) -> dict[str, float] | None:
+        """Database commands the server has sent so far, by command name (its /metrics; None when
+        metrics are off)."""
         request = urllib.request.Request(self.base_url + "/metrics", headers={"Authorization": f"Bearer {self._admin}"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 text = response.read().decode()
         except (urllib.error.URLError, TimeoutError, OSError):
             return None
-        total = 0.0
+        counts: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("im_db_operation_duration_seconds_count{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+                labels, value = line.rsplit(" ", 1)
+                command = labels.split('command="', 1)[1].split('"', 1)[0]
+                counts[command] = counts.get(command, 0.0) + float(value)
+        return counts
 
     def wait_sockets(self, count: int, timeout: float = 60.0, exact: bool = True) -> int:
         """Wait until the server's hub holds `count` sockets (or at least, when exact is False)."""
@@ -340,7 +343,12 @@ class CpuMeter:
         self.wall = time.perf_counter() - self.wall0
         self.used = {k: self._cpu(p) - self.start[k] for k, p in self.procs.items()}
         ops1 = self.stack.db_operations()
-        self.ops = ops1 - self.ops0 if ops1 is not None and self.ops0 is not None else None
+        self.ops_by_command = (
+            {name: n - self.ops0.get(name, 0.0) for name, n in ops1.items() if n > self.ops0.get(name, 0.0)}
+            if ops1 is not None and self.ops0 is not None
+            else None
+        )
+        self.ops = sum(self.ops_by_command.values()) if self.ops_by_command is not None else None
 
     def summary(self, messages: int | None = None) -> dict[str, float]:
         """CPU seconds per process and as a share of one core over the wall time; with messages,
@@ -350,8 +358,10 @@ class CpuMeter:
         if messages:
             out["server_us_per_msg"] = round(1e6 * self.used["server"] / messages)
             out["db_us_per_msg"] = round(1e6 * self.used["nx"] / messages)
-            if self.ops is not None:
+            if self.ops is not None and self.ops_by_command is not None:
                 out["db_ops_per_msg"] = round(self.ops / messages, 2)
+                by_command = sorted(self.ops_by_command.items(), key=lambda item: -item[1])
+                out["db_ops_per_msg_by_command"] = {name: round(n / messages, 3) for name, n in by_command}
         return out
 
 
