@@ -121,7 +121,9 @@ class Presence:
             log.warning("presence heartbeat failed: %s", exc)
 
     async def _beat(self) -> None:
-        while True:
+        # Until withdraw() clears it: a cancellation the driver turns into an error (Python 3.11's
+        # asyncio.wait_for can lose one) must not leave the loop beating on after shutting down.
+        while self._heartbeat is not None:
             await asyncio.sleep(HEARTBEAT_INTERVAL_SECS)
             await self._beat_once()
 
@@ -129,7 +131,8 @@ class Presence:
         """Shutdown: every socket here is closing. One write marks all their users, instead of one
         write per user (10,000 of them would outlast the shutdown budget)."""
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
+            heartbeat, self._heartbeat = self._heartbeat, None
+            heartbeat.cancel()
         self._changes.clear()
         self._offline_since.clear()  # the write below stores lastSeen for all of them
         try:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from models.accounts import NO_STATE, AccountState, AccountStore, account_to_wire, parse_reason, state_of
 from models.errors import Forbidden
 from models.principal import Principal
-from server.fanout import QUIET_POLL_MAX_SECS, PollPacer, follow_collection
+from server.fanout import QUIET_POLL_MAX_SECS, STOP_TIMEOUT_SECS, PollPacer, follow_collection
 from server.hub import Hub, Socket
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,9 @@ class AccountView:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: a cancellation lost in the driver (see server/fanout.py) ends the loop only
+            # at its next look at _stopping, after its back-off.
+            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_SECS)
 
     async def _follow(self) -> None:
         """Follow `accounts` forever; the first stream's opening loads every account."""

@@ -67,6 +67,7 @@ PEER_GONE_SECS = 2 * INSTANCE_STALE_AFTER_SECS
 # The catch-up reads messages by the time in their ObjectId, made by the storing process's clock
 # (seconds): this much earlier covers skew between machines.
 CATCH_UP_MARGIN_SECS = 5.0
+STOP_TIMEOUT_SECS = 2.0  # shutting down waits at most this long for the followers
 CATCH_UP_MAX_MESSAGES = 10_000  # per collection; a peer that stored more before the streams opened is
 # far past a poll late, and its recipients' sockets get the rest from their backlog on reconnect
 
@@ -241,7 +242,10 @@ class ChangeStreamFanout:
         tasks = self._tasks + ([self._watch] if self._watch is not None else [])
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: on Python 3.11 a cancellation that meets the driver's own timeout can be lost
+        # (asyncio.wait_for), and the loop then ends only at its next look at _stopping.
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECS)
         self._tasks = []
 
     async def _watch_peers(self) -> None:
@@ -249,7 +253,7 @@ class ChangeStreamFanout:
         # Messages other processes stored since this moment may not have reached the sockets here.
         uncovered_since = time.time()
         last_peer_at = -math.inf
-        while True:
+        while not self._stopping:  # the driver may turn a cancellation into an error: checked too
             looked_at = time.time()
             try:
                 alive = await self.peers_alive()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LEASE_NAME = "retention"
 LEASE_SECS = 120.0
 RETRY_AFTER_FAILURE_SECS = 600.0  # a purge that failed (database away) is tried again this soon
+STOP_TIMEOUT_SECS = 2.0  # shutting down waits at most this long for the schedule to end
 
 
 class LeaseLost(PurgeRunning):
@@ -99,6 +100,8 @@ class RetentionRunner:
         self._interval_secs = interval_hours * 3600
         self._running = asyncio.Lock()  # this process: one purge at a time (the lease: all processes)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop_asked = asyncio.Event()
 
     async def run_now(self, principal: Principal) -> dict[str, int]:
         """POST /api/v1/retention/run (admin): purge now; PurgeRunning (409) if a purge is running."""
@@ -115,18 +118,22 @@ class RetentionRunner:
     def start(self) -> None:
         """The start-up purge, then one every interval (in the background: serving does not wait)."""
         if self._task is None:
+            self._stopping = False
+            self._stop_asked = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._schedule())
 
     async def stop(self) -> None:
         """Stop the schedule; a purge in progress stops between two batches (the lease expires)."""
         if self._task is not None:
+            self._stopping = True  # a cancellation the driver turns into an error still ends the loop
+            self._stop_asked.set()
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_SECS)
             self._task = None
 
     async def _schedule(self) -> None:
         first = True
-        while True:
+        while not self._stopping:
             pause = self._interval_secs
             try:
                 if first or await self._due():
@@ -134,10 +141,13 @@ class RetentionRunner:
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database away, a lease lost: log, and try again later
+                if self._stopping:
+                    return
                 log.exception("retention purge failed; trying again in %.0fs", RETRY_AFTER_FAILURE_SECS)
                 pause = min(pause, RETRY_AFTER_FAILURE_SECS)
             first = False
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):  # stop() ends the pause at once
+                await asyncio.wait_for(self._stop_asked.wait(), pause)
 
     async def _due(self) -> bool:
         """A periodic purge is due unless another process finished one within the interval."""

@@ -107,6 +107,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._deliveries: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._client: aiohttp.ClientSession | None = None
         # Results of concurrent attempts go to the database together (one bulk write per batch);
         # deliveries, the common outcome, as one update_many per claim.
@@ -171,6 +172,7 @@ class Dispatcher:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             # Keep-alive connections to the receiver: a new TCP connection per event costs the
             # server (and the receiver) more CPU than the rest of the delivery.
             self._client = aiohttp.ClientSession(
@@ -185,6 +187,8 @@ class Dispatcher:
         # The claim loop first, so that it starts no delivery after the deliveries are cancelled.
         if self._task is not None:
             claiming, self._task = self._task, None
+            self._stopping = True  # a cancellation the driver turns into an error still ends the loop
+            self._wake.set()
             await _cancel_bounded([claiming])
         await _cancel_bounded(list(self._deliveries))
         try:  # bounded, like the rest of shutting down
@@ -211,7 +215,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             self._wake.clear()  # before looking: a wake during the look is not lost
             started = loop.time()
             try:
@@ -221,6 +225,8 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 log.exception("webhook dispatcher: cannot read the outbox; trying again")
                 pause = POLL_SECS
             if pause > 0:

@@ -225,3 +225,32 @@ async def test_sigterm_with_sends_in_flight_stores_every_acknowledged_one(mongo,
         client.close()
     assert sorted(d["clientMsgId"] for d in docs) == sorted(cids)  # each exactly once
     assert "Traceback" not in server.log_text()
+
+
+def test_sigterm_while_the_database_is_down_exits_within_supervisords_wait(tmp_path):
+    """supervisord.conf gives the server stopwaitsecs = 12 before SIGKILL. With the database gone,
+    Python 3.11's asyncio.wait_for inside the driver can turn a cancellation into an error, and a
+    background loop that only caught errors then ran on: about one SIGTERM in eight never exited.
+    Every loop now also checks its own stop flag and every stop is bounded. Two rounds, everything
+    on (webhooks to a receiver that is not there, change streams, retention)."""
+    for round_ in range(2):
+        database = MongoProcess(tmp_path / f"nx-{round_}")
+        database.start()
+        server = ServerProcess(
+            free_port(),
+            database.uri,
+            "sigterm_db_down",
+            tmp_path / f"server-{round_}.log",
+            IM_WEBHOOKS_URL=f"http://127.0.0.1:{free_port()}/hook",
+            IM_WEBHOOKS_SECRET="0123456789abcdef0123",
+        ).start()
+        try:
+            database.stop()
+            time.sleep(1.0 + round_)  # the loops meet the outage at different points
+            asked = time.monotonic()
+            server.signal(signal.SIGTERM)
+            assert server.wait(12) == 0, server.log_text()[-3000:]
+            assert time.monotonic() - asked < 12
+        finally:
+            server.stop()
+            database.stop()
