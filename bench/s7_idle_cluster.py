@@ -5,6 +5,7 @@ One nx-27017 and `python run.py` processes started as the tests start them: plai
 
 1. idle: server A alone on nx-27017, nothing connected, nothing sent; CPU of A and of nx-27017 as a
    share of one core over --idle-secs (psutil on their PIDs). This is the set-up of issue 11.6.
+   Alone, A opens no change stream on the messages (server/fanout.py); it opens them when B comes up.
 2. load: server B joins; --patients WebSocket clients connect to B, --doctors POST --messages pm
    messages to A at a steady --rate. Every message reaches its socket through B's change stream.
    Latency = POST start → socket receipt, p50/p99, and A's 201 → socket receipt (the change stream's
@@ -52,10 +53,19 @@ def start_server(stack: Stack, name: str) -> tuple[subprocess.Popen[bytes], str]
     base_url = f"http://127.0.0.1:{port}"
     proc = stack.spawn_server(port, log_name=f"{name}.log")
     stack.wait_up(proc, base_url, log_name=f"{name}.log")
-    log = (stack.tmp / f"{name}.log").read_text(errors="replace")
-    if "change-stream fan-out started" not in log:
-        raise RuntimeError(f"server {name} did not start the change-stream fan-out:\n{log[-2000:]}")
     return proc, base_url
+
+
+def wait_following(stack: Stack, name: str, timeout: float = 10.0) -> None:
+    """A server opens the change streams once it sees another one alive (server/fanout.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = (stack.tmp / f"{name}.log").read_text(errors="replace")
+        if "change-stream fan-out started" in log:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {name} did not start the change-stream fan-out:\n{log[-2000:]}")
+        time.sleep(0.1)
 
 
 class Sender:
@@ -130,6 +140,8 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
 
         b, b_url = start_server(stack, "b")
         procs.append(b)
+        wait_following(stack, "a")
+        wait_following(stack, "b")
         doctors = [f"s7-doc-{i}" for i in range(args.doctors)]
         patients = [f"s7-pat-{i}" for i in range(args.patients)]
         receivers = Receivers()
