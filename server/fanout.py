@@ -226,6 +226,7 @@ class ChangeStreamFanout:
         self._instance_id = instance_id
         self._watch: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._generation = 0  # of the followers: each opening of the streams is one
         self.just_stored = JustStored()
         self._stopping = False
 
@@ -281,23 +282,28 @@ class ChangeStreamFanout:
 
     def _start_following(self, uncovered_since: float) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._follow(name, uncovered_since)) for name in MESSAGE_COLLECTIONS]
+        self._generation += 1
+        generation = self._generation
+        self._tasks = [
+            loop.create_task(self._follow(name, uncovered_since, generation)) for name in MESSAGE_COLLECTIONS
+        ]
         log.info("another process is alive: change-stream fan-out started on %s", ", ".join(MESSAGE_COLLECTIONS))
 
     async def _stop_following(self) -> None:
         tasks, self._tasks = self._tasks, []
+        self._generation += 1  # ends those followers even if one loses its cancellation (see stop)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECS)
         log.info("no other process alive for %.0fs: change-stream fan-out stopped", PEER_GONE_SECS)
 
-    async def _follow(self, collection: str, uncovered_since: float) -> None:
+    async def _follow(self, collection: str, uncovered_since: float, generation: int) -> None:
         """Follow one message collection until stopped, delivering what other processes insert;
         once its stream is open, what they stored since uncovered_since too."""
         await follow_collection(
             self._db[collection],
             lambda change: self._deliver(collection, change.get("fullDocument")),
-            stopping=lambda: self._stopping,
+            stopping=lambda: self._stopping or self._generation != generation,
             pipeline=[{"$match": {"operationType": "insert"}}],
             on_open=lambda: self._catch_up(collection, uncovered_since),
         )
