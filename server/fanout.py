@@ -12,7 +12,7 @@ database-level `watch()` yields no events (so one stream per collection, not one
 there the follower polls at 20 ms while changes come and backs off to QUIET_POLL_MAX_SECS when quiet.
 
 Alone, a process follows nothing: every message is its own, published at once, and reading each back
-from the stream only to drop it cost ~8 % of the server's CPU per message (and, on nx-27017, a
+from the stream only to drop it cost 5–8 % of the server's CPU per message (and, on nx-27017, a
 changelog row per write). The process looks in the instance registry (models/presence.py) every
 PEER_POLL_SECS; when another live process shows up it opens the streams and catches up, from the
 collections, on what was stored since it last knew itself alone (the peer may have sent before the
