@@ -34,6 +34,17 @@ async def post(process: ServerProcess, path: str, body: dict, sub: str, role: st
     return response.code, json.loads(response.body)
 
 
+async def rose_to_jack(process: ServerProcess, content: str) -> tuple[int, dict]:
+    """Doctor Rose sends patient Jack a pm over REST on `process`: (status, body)."""
+    return await post(
+        process,
+        "/api/v1/chats/pm",
+        {"from": "Rose", "to": "Jack", "contentType": 1, "content": content},
+        "Rose",
+        "doctor",
+    )
+
+
 async def connect(process: ServerProcess, user: str, role: str = "patient"):
     return await websocket_connect(f"ws://127.0.0.1:{process.port}/ws?token={mint_token(SECRET, user, role)}")
 
@@ -55,13 +66,7 @@ async def test_test_profile_delivers_a_message_sent_on_a_to_a_socket_on_b(cluste
     a, b = cluster
     assert all("IM_CHANGE_STREAMS" not in p.env and p.env["IM_PROFILE"] == "test" for p in cluster)
     jack = await connect(b, "Jack")
-    code, sent = await post(
-        a,
-        "/api/v1/chats/pm",
-        {"from": "Rose", "to": "Jack", "contentType": 1, "content": "sent on A"},
-        "Rose",
-        "doctor",
-    )
+    code, sent = await rose_to_jack(a, "sent on A")
     assert code == 201
     (got,) = await read_messages(jack, 1)
     assert got["id"] == sent["id"] and got["content"] == "sent on A"
@@ -75,13 +80,7 @@ async def test_messages_posted_on_b_reach_a_socket_on_a_in_order_once(cluster):
     jack = await connect(a, "Jack")
     sent = []
     for i in range(30):
-        code, message = await post(
-            b if i % 3 else a,
-            "/api/v1/chats/pm",
-            {"from": "Rose", "to": "Jack", "contentType": 1, "content": f"m{i}"},
-            "Rose",
-            "doctor",
-        )
+        code, message = await rose_to_jack(b if i % 3 else a, f"m{i}")
         assert code == 201
         sent.append(message["id"])
     got = await read_messages(jack, 30)
@@ -155,13 +154,7 @@ async def test_killing_b_mid_stream_loses_nothing_acknowledged(cluster):
 
     async def doctor_on_b():
         for i in range(200):
-            code, message = await post(
-                b,
-                "/api/v1/chats/pm",
-                {"from": "Rose", "to": "Jack", "contentType": 1, "content": f"k{i}"},
-                "Rose",
-                "doctor",
-            )
+            code, message = await rose_to_jack(b, f"k{i}")
             if code != 201:
                 return
             acknowledged.append(message["id"])
@@ -264,13 +257,7 @@ async def test_idle_follower_polls_a_few_times_a_second_and_the_first_message_af
         # Three streams, each at most once per QUIET_POLL_MAX_SECS (+1 for the window's edges).
         assert polls <= 3 * (window_secs / QUIET_POLL_MAX_SECS + 1), polls
 
-        code, sent = await post(
-            process_a,
-            "/api/v1/chats/pm",
-            {"from": "Rose", "to": "Jack", "contentType": 1, "content": "after the quiet"},
-            "Rose",
-            "doctor",
-        )
+        code, sent = await rose_to_jack(process_a, "after the quiet")
         stored = time.monotonic()
         assert code == 201
         frame = await jack.recv_type("message")
@@ -325,24 +312,12 @@ async def test_alone_a_process_follows_nothing_and_a_peer_starts_and_stops_its_s
         peer = ServerProcess(free_port(), mongo.uri, settings.db_name, tmp_path / "peer.log").start()
         try:
             # Stored on the peer before this process looked again: only the catch-up can bring it.
-            code, sent = await post(
-                peer,
-                "/api/v1/chats/pm",
-                {"from": "Rose", "to": "Jack", "contentType": 1, "content": "from the new peer"},
-                "Rose",
-                "doctor",
-            )
+            code, sent = await rose_to_jack(peer, "from the new peer")
             assert code == 201
             frame = await jack.recv_type("message", timeout=3 * PEER_POLL_SECS + 2)
             assert frame["message"]["id"] == sent["id"]
             assert fanout.following
-            code, second = await post(
-                peer,
-                "/api/v1/chats/pm",
-                {"from": "Rose", "to": "Jack", "contentType": 1, "content": "through the stream"},
-                "Rose",
-                "doctor",
-            )
+            code, second = await rose_to_jack(peer, "through the stream")
             frame = await jack.recv_type("message", timeout=5)
             assert frame["message"]["id"] == second["id"]  # the first one was not delivered twice
         finally:
