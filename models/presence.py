@@ -36,12 +36,10 @@ WITHDRAW_TIMEOUT_SECS = 2.0
 
 def beat_of(instance: dict[str, Any]) -> datetime.datetime:
     """An instance document's last heartbeat, as an aware datetime."""
-    beat = instance["beatAt"]
-    if isinstance(beat, str):  # nx-27017: see models/clock.iso
-        beat = datetime.datetime.fromisoformat(beat)
-    if beat.tzinfo is None:
-        beat = beat.replace(tzinfo=datetime.UTC)
-    return beat  # type: ignore[no-any-return]
+    stored = instance["beatAt"]
+    # nx-27017 hands a $set date back as text (see models/clock.iso); MongoDB as a datetime.
+    beat = datetime.datetime.fromisoformat(stored) if isinstance(stored, str) else stored
+    return beat if beat.tzinfo is not None else beat.replace(tzinfo=datetime.UTC)
 
 
 class LocalSockets(Protocol):
