@@ -16,7 +16,11 @@ from the database:
 - every clientMsgId that was sent is stored exactly once, and every acknowledgement names the
   stored id (nothing acknowledged is lost; no retry made a second copy);
 - seq is 1..n without gaps in every conversation;
-- every stored message reached its recipient (after de-duplication by id) exactly once.
+- every stored message reached its recipient (after de-duplication by id) exactly once;
+- with webhooks on (the default; --no-webhooks turns them off): a receiver answering at once got
+  every stored message's message.created — those a killed process had not delivered are taken over
+  by a later process once the dead one's heartbeat is stale, so this waits up to WEBHOOK_WAIT_SECS
+  after the load.
 Exit status 0 when all hold, 1 otherwise.
 """
 
@@ -44,6 +48,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.receiver import Receiver  # noqa: E402
 from server.auth import mint_token  # noqa: E402
 from tests.processes import MongoProcess, ServerProcess, free_port, wait_until_serving  # noqa: E402
 
@@ -52,6 +57,7 @@ DOCTOR = "Rose"
 ACK_TIMEOUT_SECS = 5.0
 RETRY_PAUSE_SECS = 0.2
 QUIET_SECS = 1.0
+WEBHOOK_WAIT_SECS = 90.0  # a dead process's events are taken over 20-50 s after it died
 
 
 @dataclasses.dataclass
@@ -70,6 +76,10 @@ class Report:
     delivered: int = 0
     not_delivered: int = 0
     duplicate_frames_dropped: int = 0  # at-least-once redelivery, dropped by id as the SDK does
+    webhook_events_expected: int = 0  # message.created of every stored message (webhooks on)
+    webhook_events_missing: int = 0
+    webhook_posts: int = 0  # POSTs the receiver answered; above expected: redeliveries after a kill
+    webhook_wait_secs: float = 0.0  # after the load, until the receiver had every event
     reconnects: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -193,12 +203,24 @@ async def rest_send(
 
 
 async def run_scenario(
-    mongo_uri: str, db_name: str, log_path: Path, *, duration_secs: float, kill_every_secs: float, patients: int
+    mongo_uri: str,
+    db_name: str,
+    log_path: Path,
+    *,
+    duration_secs: float,
+    kill_every_secs: float,
+    patients: int,
+    webhooks: bool = False,
 ) -> Report:
     """The whole scenario against a database that is already running; returns the report."""
     report = Report()
     port = free_port()
-    server = ServerProcess(port, mongo_uri, db_name, log_path)
+    receiver = Receiver("fast") if webhooks else None
+    env = {}
+    if receiver is not None:
+        env = {"IM_WEBHOOKS_URL": receiver.start(), "IM_WEBHOOKS_SECRET": "fault-kill-webhook-secret-0123"}
+        env["IM_WEBHOOKS_EVENTS"] = '["message.created"]'
+    server = ServerProcess(port, mongo_uri, db_name, log_path, **env)
     server.start()
     base_url, base_ws = server.base_url, f"ws://127.0.0.1:{port}"
     names = [f"patient{i}" for i in range(patients)]
@@ -252,11 +274,31 @@ async def run_scenario(
             await asyncio.sleep(0.1)
         for client in [rose, *clients.values()]:
             await client.close()
+        if receiver is not None:
+            await wait_for_webhooks(report, receiver, mongo_uri, db_name)
     finally:
         http.close()
         server.stop()
     verify(report, mongo_uri, db_name, attempted, acked, rose, clients)
     return report
+
+
+async def wait_for_webhooks(report: Report, receiver: Receiver, mongo_uri: str, db_name: str) -> None:
+    """Until the receiver has every stored message's message.created, at most WEBHOOK_WAIT_SECS."""
+    db: Any = MongoClient(mongo_uri)[db_name]
+    try:
+        expected = {doc["_id"] for doc in db.pm.find({}, {"_id": 1})}
+    finally:
+        db.client.close()
+    started = time.monotonic()
+    while expected - receiver.ids and time.monotonic() - started < WEBHOOK_WAIT_SECS:
+        await asyncio.sleep(0.5)
+    report.webhook_wait_secs = round(time.monotonic() - started, 1)
+    report.webhook_events_expected = len(expected)
+    report.webhook_events_missing = len(expected - receiver.ids)
+    report.webhook_posts = receiver.received
+    if report.webhook_events_missing:
+        report.problems.append(f"webhook_events_missing: {report.webhook_events_missing}")
 
 
 def verify(
@@ -318,6 +360,12 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=8.0, help="seconds between SIGKILLs (default 8)")
     parser.add_argument("--patients", type=int, default=6, help="patients on WebSockets (default 6)")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument(
+        "--no-webhooks",
+        dest="webhooks",
+        action="store_false",
+        help="no webhook receiver (default: every event checked)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fault-kill-") as tmp:
         mongo = MongoProcess(Path(tmp) / "mongo")
@@ -331,6 +379,7 @@ def main() -> int:
                     duration_secs=args.duration,
                     kill_every_secs=args.kill_every,
                     patients=args.patients,
+                    webhooks=args.webhooks,
                 )
             )
         finally:

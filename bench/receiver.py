@@ -21,6 +21,7 @@ class Receiver:
         self.mode = mode
         self.port = free_port()
         self.received = 0
+        self.ids: set[str] = set()  # X-IM-Event-Id of every POST (a redelivery counts once here)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -42,6 +43,7 @@ class Receiver:
     async def _answer(self, request: web.Request) -> web.Response:
         await request.read()
         self.received += 1
+        self.ids.add(request.headers.get("X-IM-Event-Id", ""))
         if self.mode == "slow":
             await asyncio.sleep(SLOW_ANSWER_SECS)
         return web.Response(text="ok")

@@ -261,7 +261,7 @@ class MessageService:
                 # (models/retention.py; nx-27017 compares dates without its index).
                 doc = {"_id": str(ObjectId()), "conv": ref.conv, **draft.fields, "seq": seq}
                 doc.update(createdAt=created, createdMs=unix_ms(created))
-                hook = self._events.message_fields()  # its message.created is stored with it
+                hook = self._events.message_fields(doc["_id"])  # its message.created is stored with it
                 doc.update(hook)
                 # Known as this process's own before it is sent: the change stream can hand the
                 # insert back (server/fanout.py) before its reply arrives here, and it would go
@@ -270,6 +270,8 @@ class MessageService:
                 try:
                     await inserts.insert(doc)
                 except DuplicateKeyError:
+                    if hook:
+                        self._events.message_not_stored(doc["_id"])
                     original = await self._find_by_client_msg_id(draft)
                     if original is not None:
                         _check_same_request(original, draft)
@@ -283,6 +285,8 @@ class MessageService:
                     self._last_seq.pop(ref.key, None)  # another process took this seq: reload
                     continue
                 except ENCODING_ERRORS:
+                    if hook:
+                        self._events.message_not_stored(doc["_id"])
                     # Validation rejects what BSON cannot hold; this is the backstop: a 400, not a 500.
                     raise InvalidBody("body: holds text that cannot be stored (not valid Unicode)") from None
                 except PyMongoError:

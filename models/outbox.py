@@ -18,15 +18,26 @@ numbers, not dates: nx-27017 compares dates at whole seconds.
 
 message.created is the one event that is not a document of its own: it is the message. A message
 stored while a webhook wants message.created carries its event's delivery state in its own document
-(HOOK_FIELDS: `hook` pending/delivered/failed, `hookDue`, `hookClaim`, `hookAttempts`, `hookAgeFrom`,
-`hookError`, `hookDeliveredAt`; the same meaning as the event fields above), so the journaled insert
-that stores the message stores its event too: no second document per send (on nx-27017 a document
-costs about as much CPU as everything else a send does). It is born leased to the process that
-stored it (`hookDue` a lease ahead, `hookClaim` that process's token), whose dispatcher delivers it
-from memory; if that process dies, another claims it from the database once the lease runs out. Its
-event id is the message id, its payload the message as stored (`message_to_wire`), and it lives as
-long as the message (retention's `webhook_days` is for the other events). Only when the push planner
-needs the message (an offline recipient, reminders) is a `planned` event document stored as well.
+(HOOK_FIELDS: `hook`, `hookDue`, `hookClaim`, `hookAttempts`, `hookAgeFrom`, `hookError`,
+`hookDeliveredAt`; the meaning of the event fields above), so the journaled insert that stores the
+message stores its event too: no second document per send (on nx-27017 a document costs about as
+much CPU as everything else a send does). Its event id is the message id, its payload the message as
+stored (`message_to_wire`), and it lives as long as the message (retention's `webhook_days` is for
+the other events). Only when the push planner needs the message (an offline recipient, reminders)
+is a `planned` event document stored as well.
+
+A message is born `hook: "sent"`: handed to the process that stored it (`hookClaim`, that
+process's dispatcher token), which delivers it from memory, and stamped with `hookDue`, that
+process's birth stamp (unix seconds, strictly increasing per process). A delivery is not written
+back per message: while a process runs, one document per process in `webhook_progress` (PROGRESS),
+`{_id: token, instance, below, state: "open"}`, says that every "sent" message of that token stamped
+below `below` is settled — delivered, or rewritten as pending/failed by a failed attempt. So a
+"sent" message is pending (in flight) while its token has a progress document and its stamp is at
+or above `below`, and delivered otherwise (`hook_status`). A process stopping releases what it had
+not delivered (pending, due now) and deletes its document; when one dies, another one, once the
+dead process's heartbeat is stale (models/presence.py), does both for it. `hook` is otherwise
+`pending` (due at `hookDue`, claimed from the database), `failed`, or `delivered` (an attempt claimed
+from the database that succeeded).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from typing import Any, Protocol
 
 from bson import ObjectId
 from pymongo import WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from models.batching import BatchedInserts
@@ -51,6 +63,8 @@ PUSH_TYPES = frozenset({"push.needed", "message.unread_reminder"})
 # What include_content=false leaves out of every payload (SPEC §11).
 CONTENT_FIELDS = ("content", "title", "summary")
 STATUSES = ("pending", "failed", "delivered")
+PROGRESS = "webhook_progress"
+SENT = "sent"  # a message's event handed to its process's dispatcher (see above)
 MESSAGE_COLLECTIONS = ("sm", "pm", "gm")
 MESSAGE_CREATED = "message.created"
 HOOK_FIELDS = ("hook", "hookDue", "hookClaim", "hookAttempts", "hookAgeFrom", "hookError", "hookDeliveredAt")
@@ -66,8 +80,12 @@ class EventSink(Protocol):
 
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None: ...
 
-    def message_fields(self) -> dict[str, Any]:
+    def message_fields(self, message_id: str) -> dict[str, Any]:
         """The fields a message about to be stored carries for its message.created event ({}: none)."""
+        ...
+
+    def message_not_stored(self, message_id: str) -> None:
+        """The insert of a message given message_fields was refused (a duplicate key): no event."""
         ...
 
     async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
@@ -82,8 +100,11 @@ class NullSink:
     async def emit(self, type: str, data: dict[str, Any], *, event_id: str | None = None) -> None:
         return None
 
-    def message_fields(self) -> dict[str, Any]:
+    def message_fields(self, message_id: str) -> dict[str, Any]:
         return {}
+
+    def message_not_stored(self, message_id: str) -> None:
+        return None
 
     async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
         return None
@@ -132,16 +153,20 @@ class Outbox:
         plan_lease_secs: float = 60.0,
         needs_plan: Callable[[dict[str, Any]], bool] = lambda message: True,
         message_stored: Callable[[str, dict[str, Any], Mapping[str, Any]], None] = lambda *_: None,
-        born_lease: Callable[[], float] = lambda: 0.0,
+        birth: Callable[[str], float | None] = lambda message_id: None,
+        not_stored: Callable[[str], None] = lambda message_id: None,
         local_claim: str = "",
     ):
         self._collection = db.get_collection(COLLECTION, write_concern=write_concern)
         self._messages = {ch: db.get_collection(ch, write_concern=write_concern) for ch in MESSAGE_COLLECTIONS}
-        # message_stored(channel, message, hook): a message with its event is stored (to the
-        # dispatcher's memory); born_lease(): seconds a new message's event is leased to this
-        # process (0: the dispatcher has no room in memory, let it be claimed from the database).
+        self._progress = db[PROGRESS]
+        # message_stored(channel, message, hook): a message born "sent" is stored (to the
+        # dispatcher's memory); birth(id): its stamp, None when the dispatcher cannot take it
+        # (not running, no room in memory: then it is born pending, claimed from the database);
+        # not_stored(id): its insert was refused.
         self._message_stored = message_stored
-        self._born_lease = born_lease
+        self._birth = birth
+        self._not_stored = not_stored
         self._local_claim = local_claim
         self._inserts = BatchedInserts(self._collection)
         self._events = tuple(events)
@@ -204,18 +229,18 @@ class Outbox:
             return
         await self.store(doc)
 
-    def message_fields(self) -> dict[str, Any]:
+    def message_fields(self, message_id: str) -> dict[str, Any]:
         if self.status_for(MESSAGE_CREATED) != "pending":
             return {}
         now = time.time()
-        lease = self._born_lease()
-        return {
-            "hook": "pending",
-            "hookDue": now + lease,
-            "hookClaim": self._local_claim if lease > 0 else None,
-            "hookAttempts": 1 if lease > 0 else 0,  # born leased: the attempt from memory is claimed
-            "hookAgeFrom": now,
-        }
+        stamp = self._birth(message_id)
+        if stamp is None:
+            return {"hook": "pending", "hookDue": now, "hookClaim": None, "hookAttempts": 0, "hookAgeFrom": now}
+        # hookAttempts counts the attempt from memory, as a claim would
+        return {"hook": SENT, "hookDue": stamp, "hookClaim": self._local_claim, "hookAttempts": 1, "hookAgeFrom": now}
+
+    def message_not_stored(self, message_id: str) -> None:
+        self._not_stored(message_id)
 
     async def message_created(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
         if self._plan_messages and self._needs_plan(message):
@@ -224,7 +249,7 @@ class Outbox:
             if plan is not None:
                 plan["status"] = "planned"
                 await self.store(plan)
-        if hook.get("hookClaim") and hook["hookClaim"] == self._local_claim:
+        if hook.get("hook") == SENT:
             self._message_stored(channel, message, hook)
 
     async def store(self, doc: dict[str, Any]) -> None:
@@ -239,13 +264,33 @@ class Outbox:
     async def list_events(self, status: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
         """Newest first: {"events": [...], "next"}; message.created from the messages themselves."""
         filter_: dict[str, Any] = {"status": status} if status else {"status": {"$in": list(STATUSES)}}
-        hooks: dict[str, Any] = {"hook": status} if status else {"hook": {"$in": list(STATUSES)}}
-        if cursor is not None:
-            filter_["_id"] = hooks["_id"] = {"$lt": cursor}
-        pages = [[event_to_wire(doc) async for doc in self._collection.find(filter_).sort("_id", -1).limit(limit + 1)]]
+        before: dict[str, Any] = {"_id": {"$lt": cursor}} if cursor is not None else {}
+        pages = [
+            [
+                event_to_wire(doc)
+                async for doc in self._collection.find({**filter_, **before}).sort("_id", -1).limit(limit + 1)
+            ]
+        ]
+        open_below = await open_progress(self._progress)
+        if status == "pending":  # stored pending, and each open process's messages in flight
+            hooks = [{"hook": {"$eq": "pending"}}] + [in_flight(token, below) for token, below in open_below.items()]
+        elif status == "failed":
+            hooks = [{"hook": {"$eq": "failed"}}]
+        elif status == "delivered":  # "sent" ones in flight are left out as they are read
+            hooks = [{"hook": {"$in": ["delivered", SENT]}}]
+        else:
+            hooks = [{"hook": {"$in": [*STATUSES, SENT]}}]
         for collection in self._messages.values():
-            found = collection.find(hooks, {"createdAt": 1, **dict.fromkeys(HOOK_FIELDS, 1)})
-            pages.append([hook_to_wire(doc) async for doc in found.sort("_id", -1).limit(limit + 1)])
+            for hook_filter in hooks:
+                found = collection.find({**hook_filter, **before}, {"createdAt": 1, **dict.fromkeys(HOOK_FIELDS, 1)})
+                page: list[dict[str, Any]] = []
+                async for doc in found.sort("_id", -1).batch_size(limit + 1):
+                    event = hook_to_wire(doc, open_below)
+                    if status is None or event["status"] == status:
+                        page.append(event)
+                        if len(page) > limit:
+                            break
+                pages.append(page)
         merged = list(heapq.merge(*pages, key=lambda event: event["id"], reverse=True))
         page = merged[:limit]
         more = len(merged) > limit
@@ -271,11 +316,11 @@ class Outbox:
             )
             if message is not None:
                 self._stored({})  # wakes the dispatcher
-                return hook_to_wire(message)
+                return hook_to_wire(message, {})
         if await self._collection.find_one({"_id": event_id}, {"_id": 1}) is not None:
             raise EventNotFailed(f"event {event_id!r} has not failed; only failed events are retried")
         for collection in self._messages.values():
-            if await collection.find_one({"_id": event_id, "hook": {"$in": list(STATUSES)}}, {"_id": 1}):
+            if await collection.find_one({"_id": event_id, "hook": {"$in": [*STATUSES, SENT]}}, {"_id": 1}):
                 raise EventNotFailed(f"event {event_id!r} has not failed; only failed events are retried")
         raise EventNotFound(f"event {event_id!r} does not exist")
 
@@ -294,19 +339,41 @@ def event_to_wire(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def hook_to_wire(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A message's message.created event as the admin API lists it."""
+def hook_to_wire(message: Mapping[str, Any], open_below: Mapping[str, float]) -> dict[str, Any]:
+    """A message's message.created event as the admin API lists it (open_below: open_progress)."""
     due = message.get("hookDue")
-    pending = message.get("hook") == "pending"
+    status = hook_status(message, open_below)
     return {
         "id": message["_id"],
         "type": MESSAGE_CREATED,
-        "status": message["hook"],
+        "status": status,
         "attempts": message.get("hookAttempts", 0),
         "lastError": message.get("hookError"),
-        "nextAttemptAt": iso_from_unix(due) if pending and isinstance(due, int | float) else None,
+        # a "sent" one in flight is being attempted now: no next attempt planned
+        "nextAttemptAt": iso_from_unix(due) if message["hook"] == "pending" and isinstance(due, int | float) else None,
         "createdAt": iso(message["createdAt"]),
     }
+
+
+def hook_status(message: Mapping[str, Any], open_below: Mapping[str, float]) -> str:
+    """pending, failed or delivered; a "sent" message is pending while its process has not
+    settled it (its stamp at or above the open progress's `below`), delivered otherwise."""
+    status = str(message["hook"])
+    if status != SENT:
+        return status
+    below = open_below.get(message.get("hookClaim") or "")
+    return "pending" if below is not None and float(message["hookDue"]) >= below else "delivered"
+
+
+def in_flight(token: str, below: float) -> dict[str, Any]:
+    """The filter of one process's messages whose event it has not settled yet ($eq: nx-27017
+    uses the (hook, hookDue) index only then)."""
+    return {"hook": {"$eq": SENT}, "hookDue": {"$gte": below}, "hookClaim": token}
+
+
+async def open_progress(progress: AsyncCollection[dict[str, Any]]) -> dict[str, float]:
+    """token -> below, for every process whose "sent" messages may hold events not yet delivered."""
+    return {doc["_id"]: float(doc["below"]) async for doc in progress.find({"state": "open"}, {"below": 1})}
 
 
 def iso_from_unix(seconds: float) -> str:

@@ -21,6 +21,7 @@ from pymongo import monitoring
 from pymongo.errors import PyMongoError
 
 from models.database import Database
+from models.outbox import PROGRESS, in_flight, open_progress
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,15 @@ class Metrics:
             try:
                 count = await db.webhook_events.count_documents({"status": status}, maxTimeMS=OUTBOX_COUNT_MAX_MS)
                 if status != "delivered":
+                    hooks = [{"hook": {"$eq": status}, "hookDue": {"$gte": 0}}]
+                    if status == "pending":  # and those in flight (models/outbox.py hook_status)
+                        hooks += [
+                            in_flight(token, below) for token, below in (await open_progress(db[PROGRESS])).items()
+                        ]
                     for channel in ("sm", "pm", "gm"):
-                        found = db[channel].find({"hook": {"$eq": status}, "hookDue": {"$gte": 0}}, {"_id": 1})
-                        count += len(await found.limit(HOOK_COUNT_CAP).to_list())
+                        for hook_filter in hooks:
+                            found = db[channel].find(hook_filter, {"_id": 1})
+                            count += len(await found.limit(HOOK_COUNT_CAP).to_list())
             except PyMongoError as exc:
                 log.warning("metrics: cannot count webhook events: %s", exc)
                 break

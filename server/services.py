@@ -130,7 +130,7 @@ def build_services(
     groups = GroupStore(db)
     conversations = ConversationStore(db, message_write_concern(settings))
     files = FileStore(db, message_write_concern(settings), audit=audit)
-    events, outbox, dispatcher = build_events(settings, db, hub, groups, conversations)
+    events, outbox, dispatcher = build_events(settings, db, hub, groups, conversations, presence.instance_id)
     messages = MessageService(
         db,
         message_write_concern(settings),

@@ -13,6 +13,13 @@ it costs one small query every few seconds.
 Every query names `status` (or `plan`) with `$eq`: nx-27017 uses the compound indexes only then,
 and would otherwise scan every stored event on every claim.
 
+A message's message.created is born "sent" to this process (models/outbox.py) and delivered from
+memory; a delivery writes nothing per message: the dispatcher tracks its births in order and, at
+most every PROGRESS_SECS, writes one document saying below which birth stamp everything is settled.
+A birth whose insert never reported back (an unknown outcome, a failure after the insert) is
+released as pending after BIRTH_GRACE_SECS; every TAKEOVER_SECS the dispatcher looks for processes
+whose heartbeat is stale with their progress still open, and releases their unsettled messages.
+
 A send never waits for it: emit() only stores; the HTTP POST happens here, later. A receiver that
 answers non-2xx, redirects (not followed), answers garbage, hangs past timeout_secs or
 refuses the connection is a failed attempt, retried after 1 s, 2 s, 4 s … (at most
@@ -32,14 +39,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel, UpdateOne
-from pymongo.errors import PyMongoError
 
 from models.batching import BatchedMarks, BatchedUpdates
+from models.clock import utcnow
 from models.conversations import ConversationStore
 from models.database import Database
 from models.groups import GroupStore
@@ -48,12 +56,16 @@ from models.outbox import (
     COLLECTION,
     MESSAGE_COLLECTIONS,
     MESSAGE_CREATED,
+    PROGRESS,
+    SENT,
     EventSink,
     NullSink,
     Outbox,
+    in_flight,
     strip_content,
     wants,
 )
+from models.presence import INSTANCE_STALE_AFTER_SECS, beat_of
 from server.config import Settings
 from server.db import message_write_concern, process_token
 from server.push import PLAN_LEASE_SECS, LocalSockets, PushPlanner
@@ -67,9 +79,29 @@ FIRST_RETRY_SECS = 1.0
 LEASE_EXTRA_SECS = 30.0  # a lease outlives the attempt's timeout by this much
 ERROR_TEXT_CHARS = 200
 STOP_TIMEOUT_SECS = 5.0
+GOODBYE_TIMEOUT_SECS = 0.5  # to delete the progress document at a stop with nothing to give back
 LOCAL_HOOKS_MAX = 5000  # messages whose event waits in memory; beyond, they are claimed from the database
-LOCAL_MARGIN_SECS = 5.0  # a message's event is delivered from memory only with this much lease to spare
 HOOK_SWEEP_SECS = 3.0  # how often messages' events are searched in the database (other processes', retries)
+PROGRESS_SECS = 1.0  # at most this often, one write says which of this process's births are settled
+BIRTH_GRACE_SECS = 120.0  # a birth whose insert never reported back is released (pending) after this
+TAKEOVER_SECS = 10.0  # how often dead processes' unsettled messages are looked for
+DEAD_AFTER_SECS = INSTANCE_STALE_AFTER_SECS  # a heartbeat this old: the process is gone
+# Birth stamps are unix seconds in steps of 100 µs: a $set on nx-27017 keeps 15 significant digits
+# of a double, so a finer `below` would not compare as written.
+STAMP_DIGITS = 4
+STAMP_QUANTUM_SECS = 10.0**-STAMP_DIGITS
+RELEASED = {"hook": "pending", "hookDue": 0.0, "hookClaim": None}  # due now, claimed from the database
+
+
+@dataclass(slots=True)
+class Birth:
+    """A message's event born "sent" to this process, until it is settled (delivered, or written back)."""
+
+    stamp: float
+    born_at: float  # time.monotonic()
+    # inserting: the message's insert has not reported back; stored: in memory or in flight;
+    # unrecorded: an attempt's outcome (or the attempt itself) failed to reach the database
+    state: str = "inserting"
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -99,8 +131,11 @@ async def _cancel_bounded(tasks: list[asyncio.Task[None]]) -> None:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str):
+    def __init__(
+        self, db: Database, settings: Settings, planner: PushPlanner | None, *, claim_token: str, instance_id: str
+    ):
         self._events = db[COLLECTION]
+        self._instances = db.instances
         self._webhooks = settings.webhooks
         self._urls = {"webhook": settings.webhooks.url, "push": settings.push.url or settings.webhooks.url}
         self._planner = planner
@@ -131,6 +166,17 @@ class Dispatcher:
         }
         self._local_hooks: deque[tuple[str, dict[str, Any], Mapping[str, Any]]] = deque()
         self._next_hook_sweep = 0.0  # when to look in the collections next
+        # This process's births, oldest first (stamps only grow, dicts keep insertion order), and
+        # the progress document that settles them (models/outbox.py); instance_id: its heartbeat.
+        self._births: dict[str, Birth] = {}
+        self._last_stamp = 0.0
+        self._progress = db.get_collection(PROGRESS, write_concern=message_write_concern(settings))
+        self._instance_id = instance_id
+        self._registered = False  # the progress document exists: births may be "sent"
+        self._written_below: float | None = None
+        self._next_progress_write = 0.0  # time.monotonic()
+        self._next_takeover = 0.0  # time.time()
+        self._database_failing = False  # the claim loop's last round failed
 
     def wake(self) -> None:
         """An event was stored by this process: look now, not at the next poll."""
@@ -142,15 +188,28 @@ class Dispatcher:
             self._planner.take(doc)
         self._wake.set()
 
-    def born_lease(self) -> float:
-        """How long a message stored now is leased to this process for its message.created (0:
-        not running, or no room in memory: the database claim takes it at once)."""
-        if self._task is None or len(self._local_hooks) >= LOCAL_HOOKS_MAX:
-            return 0.0
-        return self._lease_secs
+    def birth(self, message_id: str) -> float | None:
+        """The stamp of a message about to be stored whose event this process will deliver from
+        memory; None (born pending, claimed from the database) when not running or full."""
+        if self._task is None or not self._registered or len(self._births) >= LOCAL_HOOKS_MAX:
+            return None
+        stamp = self._last_stamp = round(max(time.time(), self._last_stamp + STAMP_QUANTUM_SECS), STAMP_DIGITS)
+        self._births[message_id] = Birth(stamp, time.monotonic())
+        return stamp
+
+    def not_stored(self, message_id: str) -> None:
+        """The message's insert was refused: its birth is settled, there is nothing to deliver."""
+        birth = self._births.get(message_id)
+        if birth is not None and birth.state == "inserting":
+            del self._births[message_id]
 
     def message_stored(self, channel: str, message: dict[str, Any], hook: Mapping[str, Any]) -> None:
-        """A message this process stored, its event born leased to us: delivered from memory."""
+        """A message this process stored, its event born "sent" to us: delivered from memory."""
+        birth = self._births.get(message["id"])
+        if birth is not None and birth.state == "inserting":
+            birth.state = "stored"
+        # else: already released (an insert that took longer than BIRTH_GRACE_SECS): delivered
+        # anyway, its outcome written like that of a claimed event
         self._local_hooks.append((channel, message, hook))
         self._wake.set()
 
@@ -191,10 +250,21 @@ class Dispatcher:
             self._wake.set()
             await _cancel_bounded([claiming])
         await _cancel_bounded(list(self._deliveries))
-        try:  # bounded, like the rest of shutting down
-            await asyncio.wait_for(self._release_local(), STOP_TIMEOUT_SECS)
-        except (TimeoutError, PyMongoError) as exc:
-            log.warning("webhook dispatcher: new messages' events stay leased until their lease ends: %s", exc)
+        # Bounded, like the rest of shutting down, and short when nothing is held: then it only
+        # deletes the progress document, which the next process would otherwise take over (so
+        # not even tried when the database was just found failing).
+        held = bool(self._local_hooks) or any(birth.state != "inserting" for birth in self._births.values())
+        if not held and (self._database_failing or not self._registered):
+            return await self._close_client()
+        release = asyncio.ensure_future(self._release_local())
+        release.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved: no noise
+        await asyncio.wait([release], timeout=STOP_TIMEOUT_SECS if held else GOODBYE_TIMEOUT_SECS)
+        if not release.done() or release.cancelled() or release.exception() is not None:
+            release.cancel()
+            log.warning("webhook dispatcher: undelivered events (if any) wait for another process to take them")
+        await self._close_client()
+
+    async def _close_client(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             try:  # bounded: shutting down never waits on a receiver
@@ -203,14 +273,93 @@ class Dispatcher:
                 log.warning("webhook dispatcher: connections to the receiver did not close in time")
 
     async def _release_local(self) -> None:
-        """Messages still waiting in memory: due now, so the next process need not wait out their lease."""
-        by_channel: dict[str, list[str]] = {}
-        while self._local_hooks:
-            channel, message, _hook = self._local_hooks.popleft()
-            by_channel.setdefault(channel, []).append(message["id"])
-        for channel, ids in by_channel.items():
-            await self._messages[channel].update_many(
-                {"_id": {"$in": ids}, "hookClaim": self.claim_token, "hook": "pending"}, {"$set": {"hookDue": 0.0}}
+        """Messages whose event was not delivered yet become pending, due now (the next process
+        takes them at once); then the progress document goes, unless an insert is still out."""
+        ids = {message["id"] for _channel, message, _hook in self._local_hooks}
+        ids.update(message_id for message_id, birth in self._births.items() if birth.state != "inserting")
+        self._local_hooks.clear()
+        await self._release(sorted(ids))
+        if self._births:
+            await self._write_progress()  # the rest is for the process that takes over
+        elif self._registered:
+            # every "sent" message of a process without a progress document is delivered
+            await self._progress.delete_one({"_id": self.claim_token})
+
+    async def _release(self, ids: list[str]) -> None:
+        """Births of this process given back: pending and due now, then settled. Every channel is
+        asked: a birth whose insert never reported back does not know its own."""
+        if not ids:
+            return
+        for collection in self._messages.values():
+            await collection.update_many(
+                {"_id": {"$in": ids}, "hookClaim": self.claim_token, "hook": {"$eq": SENT}}, {"$set": RELEASED}
+            )
+        for message_id in ids:
+            self._births.pop(message_id, None)
+
+    def _below(self) -> float:
+        """Every birth stamped below this is settled: the oldest unsettled one's stamp."""
+        for birth in self._births.values():
+            return birth.stamp
+        return round(self._last_stamp + STAMP_QUANTUM_SECS, STAMP_DIGITS)
+
+    async def _write_progress(self, *, now: bool = True) -> None:
+        """The progress document (models/outbox.py); with now=False only if changed and not
+        written within PROGRESS_SECS: one small update a second under load, none while idle."""
+        below = self._below()
+        if not now and (below == self._written_below or time.monotonic() < self._next_progress_write):
+            return
+        await self._progress.update_one(
+            {"_id": self.claim_token},
+            {"$set": {"below": below, "state": "open", "instance": self._instance_id}},
+            upsert=True,
+        )
+        self._written_below = below
+        self._next_progress_write = time.monotonic() + PROGRESS_SECS
+
+    async def _settle_births(self) -> None:
+        """Registers this process before its first birth, releases the births that will not be
+        settled otherwise (unrecorded outcomes, inserts that never reported back), writes progress."""
+        if not self._registered:
+            await self._write_progress()
+            self._registered = True
+            return
+        oldest_insert = time.monotonic() - BIRTH_GRACE_SECS
+        await self._release(
+            [
+                message_id
+                for message_id, birth in self._births.items()
+                if birth.state == "unrecorded" or (birth.state == "inserting" and birth.born_at < oldest_insert)
+            ]
+        )
+        await self._write_progress(now=False)
+
+    async def _take_over(self) -> None:
+        """The unsettled messages of processes that died (heartbeat stale, progress still open)
+        become pending, due now; the dead process's progress document goes."""
+        others = await self._progress.find({"state": "open", "_id": {"$ne": self.claim_token}}).to_list()
+        if not others:
+            return
+        instances = {
+            doc["_id"]: doc
+            async for doc in self._instances.find({"_id": {"$in": [doc.get("instance") for doc in others]}})
+        }
+        now = utcnow()
+        for progress in others:
+            instance = instances.get(progress.get("instance"))
+            if instance is not None and (now - beat_of(instance)).total_seconds() < DEAD_AFTER_SECS:
+                continue
+            released = 0
+            for collection in self._messages.values():
+                result = await collection.update_many(
+                    in_flight(progress["_id"], float(progress["below"])), {"$set": RELEASED}
+                )
+                released += result.modified_count
+            # unless it wrote progress meanwhile: alive after all, looked at again later (and if it
+            # writes progress later, its upsert opens it again)
+            await self._progress.delete_one({"_id": progress["_id"], "below": progress["below"]})
+            log.info(
+                "webhook dispatcher: took over %d undelivered events of gone process %s", released, progress["_id"]
             )
 
     async def _run(self) -> None:
@@ -222,9 +371,11 @@ class Dispatcher:
                 full = await self._work()
                 # With every slot busy, a finished delivery wakes the loop; no need to poll.
                 pause = POLL_SECS if full else await self._secs_until_due()
+                self._database_failing = False
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self._database_failing = True
                 if self._stopping:
                     return
                 log.exception("webhook dispatcher: cannot read the outbox; trying again")
@@ -238,6 +389,7 @@ class Dispatcher:
     async def _work(self) -> bool:
         """Plan pending messages (push/reminders), then start every due delivery there is room
         for: this process's new messages from memory first. True when every delivery slot is busy."""
+        await self._settle_births()
         if self._planner is not None:
             await self._planner.plan_pending()
         self._start(self._take_local(self._room()))
@@ -258,14 +410,15 @@ class Dispatcher:
             task.add_done_callback(self._deliveries.discard)
 
     def _take_local(self, room: int) -> list[dict[str, Any]]:
-        """Up to room of this process's new messages whose born lease leaves time for an attempt
-        (the others stay pending in the database and are claimed there)."""
-        now = time.time()
+        """Up to room of this process's new messages, oldest first."""
         taken: list[dict[str, Any]] = []
         while self._local_hooks and len(taken) < room:
             channel, message, hook = self._local_hooks.popleft()
-            if float(hook["hookDue"]) - now > self._webhooks.timeout_secs + LOCAL_MARGIN_SECS:
-                taken.append(self._hook_event(channel, message, 1, hook["hookClaim"], float(hook["hookAgeFrom"])))
+            event = self._hook_event(channel, message, 1, hook["hookClaim"], float(hook["hookAgeFrom"]))
+            birth = self._births.get(message["id"])
+            # a tracked birth settles without a write; one already released is marked like a claim's
+            event["tracked"] = birth is not None and birth.stamp == hook["hookDue"]
+            taken.append(event)
         return taken
 
     def _hook_event(
@@ -291,6 +444,9 @@ class Dispatcher:
         messages' own."""
         claimed = await self._claim_events(room)
         now = time.time()
+        if now >= self._next_takeover:
+            self._next_takeover = now + TAKEOVER_SECS
+            await self._take_over()
         if len(claimed) < room and now >= self._next_hook_sweep:
             self._next_hook_sweep = now + HOOK_SWEEP_SECS
             for channel in MESSAGE_COLLECTIONS:
@@ -360,6 +516,9 @@ class Dispatcher:
             raise
         except Exception:
             log.exception("webhook dispatcher: event %s could not be handled", doc.get("_id"))
+            birth = self._births.get(doc["_id"]) if doc.get("tracked") else None
+            if birth is not None:
+                birth.state = "unrecorded"  # released (due again) by the next round
         finally:
             self._wake.set()  # a slot is free
 
@@ -409,13 +568,17 @@ class Dispatcher:
         await self._records.update(UpdateOne(mine, {"$set": update}))
 
     async def _record_hook(self, doc: dict[str, Any], error: str | None) -> None:
-        """A message's event: the outcome in the message document (unless a later claim took it)."""
+        """A message's event: the outcome in the message document (unless a later claim took it);
+        a delivered birth is only settled, in memory (the progress document says it)."""
         if error is None:  # hookAttempts already counts this attempt (its claim, or its birth)
-            await self._hooks_delivered[doc["source"]].mark(doc["claim"], doc["_id"])
+            if doc.get("tracked"):
+                self._births.pop(doc["_id"], None)
+            else:
+                await self._hooks_delivered[doc["source"]].mark(doc["claim"], doc["_id"])
             return
         now = time.time()
         mine = {"_id": doc["_id"], "hookClaim": doc["claim"]}
-        update: dict[str, Any] = {"hookAttempts": doc["attempts"], "hookError": error}
+        update: dict[str, Any] = {"hook": "pending", "hookAttempts": doc["attempts"], "hookError": error}
         delay = retry_delay_secs(doc["attempts"], self._webhooks.retry_max_secs)
         if now + delay > doc["ageFrom"] + self._webhooks.max_age_hours * 3600:
             update["hook"] = "failed"
@@ -426,10 +589,17 @@ class Dispatcher:
             update["hookDue"] = now + delay
             self._next_hook_sweep = min(self._next_hook_sweep, now + delay)  # the retry, on time
         await self._hook_records[doc["source"]].update(UpdateOne(mine, {"$set": update}))
+        if doc.get("tracked"):
+            self._births.pop(doc["_id"], None)  # settled: its state is written
 
 
 def build_events(
-    settings: Settings, db: Database, sockets: LocalSockets, groups: GroupStore, conversations: ConversationStore
+    settings: Settings,
+    db: Database,
+    sockets: LocalSockets,
+    groups: GroupStore,
+    conversations: ConversationStore,
+    instance_id: str,
 ) -> tuple[EventSink, Outbox | None, Dispatcher | None]:
     """The sink domain services emit to, the outbox (admin API) and this process's dispatcher;
     a NullSink and no dispatcher when neither a webhook nor a push url is configured."""
@@ -454,7 +624,8 @@ def build_events(
         plan_lease_secs=PLAN_LEASE_SECS,
         needs_plan=lambda message: planners[0].needs_plan(message),
         message_stored=lambda channel, message, hook: dispatchers[0].message_stored(channel, message, hook),
-        born_lease=lambda: dispatchers[0].born_lease(),
+        birth=lambda message_id: dispatchers[0].birth(message_id),
+        not_stored=lambda message_id: dispatchers[0].not_stored(message_id),
         local_claim=claim_token,
     )
     planner = PushPlanner(
@@ -468,5 +639,5 @@ def build_events(
         reminder_after_secs=settings.reminders.after_secs if reminders_on else 0.0,
     )
     planners.append(planner)
-    dispatchers.append(Dispatcher(db, settings, planner, claim_token=claim_token))
+    dispatchers.append(Dispatcher(db, settings, planner, claim_token=claim_token, instance_id=instance_id))
     return outbox, outbox, dispatchers[0]

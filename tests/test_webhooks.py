@@ -136,13 +136,17 @@ async def test_message_created_is_stored_in_its_message_and_listed(api, services
     finally:
         jack.close()
     assert await services.db.webhook_events.count_documents({"type": "message.created"}) == 0
-    await wait_until(
-        lambda: services.db.pm.count_documents({"_id": sent["id"], "hook": "delivered"}),
-        timeout=10,
-        message="delivery not recorded in the message",
-    )
+    # The delivery writes nothing to the message: the process's progress document settles it.
     stored = await services.db.pm.find_one({"_id": sent["id"]})
-    assert stored["hookAttempts"] == 1 and stored["hookError"] is None
+    assert stored["hook"] == "sent" and stored["hookClaim"] == dispatcher.claim_token
+    assert stored["hookAttempts"] == 1 and "hookError" not in stored
+
+    async def settled() -> bool:
+        progress = await services.db.webhook_progress.find_one({"_id": dispatcher.claim_token})
+        return progress is not None and progress["state"] == "open" and progress["below"] > stored["hookDue"]
+
+    await wait_until(settled, timeout=10, message="delivery not settled in the progress document")
+    assert (await services.db.pm.find_one({"_id": sent["id"]}))["hook"] == "sent"
     listed = (await api.get("/api/v1/webhooks/events?status=delivered", as_=("ops", "admin"))).json["events"]
     assert [e for e in listed if e["id"] == sent["id"]] == [
         {
@@ -341,3 +345,72 @@ async def test_receiver_down_and_kill_9_lose_no_event(mongo, tmp_path, http_clie
         made.server.stop()
     finally:
         process.stop()
+
+
+@pytest.mark.gen_test(timeout=150)
+async def test_events_in_flight_at_kill_9_are_taken_over_by_the_next_process(mongo, tmp_path, http_client):
+    """A delivery writes nothing per message (its process's progress document settles it), so
+    what settles the events a process was delivering when it died: the next process, once the
+    dead one's heartbeat is stale, releases them and delivers every one (again, for those the
+    receiver got but the dead process never settled)."""
+    from server.auth import mint_token
+    from tests.processes import ServerProcess
+
+    receiver = Receiver()
+    receiver.mode = "hang"  # every attempt is in flight when the process dies
+    env = {"IM_WEBHOOKS_URL": receiver.url, "IM_WEBHOOKS_SECRET": SECRET, "IM_WEBHOOKS_EVENTS": '["message.created"]'}
+    db_name = f"k_{uuid.uuid4().hex[:10]}"
+    first = ServerProcess(free_port(), mongo.uri, db_name, tmp_path / "first.log", **env)
+    second = ServerProcess(free_port(), mongo.uri, db_name, tmp_path / "second.log", **env)
+    await asyncio.get_running_loop().run_in_executor(None, first.start)
+    token = mint_token("test-secret-0123456789abcdef0123456789", "Rose", "doctor")
+    try:
+
+        async def send(i: int) -> str:
+            response = await http_client.fetch(
+                f"{first.base_url}/api/v1/chats/pm",
+                method="POST",
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                body=json.dumps({"from": "Rose", "to": f"p{i}", "contentType": 1, "content": f"m{i}"}),
+            )
+            return str(json.loads(response.body)["id"])
+
+        sent = set(await asyncio.gather(*(send(i) for i in range(20))))
+        await wait_until(lambda: len(receiver.received) >= 20, timeout=10, message="attempts not in flight")
+        first.kill()
+        receiver.mode = "ok"
+        await asyncio.get_running_loop().run_in_executor(None, second.start)
+
+        def got() -> set[str]:
+            return {e["data"]["message"]["id"] for e in receiver.events("message.created")[20:]}
+
+        await wait_until(lambda: got() >= sent, timeout=90, message="events of the killed process not taken over")
+        assert len(sent) == 20
+    finally:
+        second.stop()
+        first.stop()
+        receiver.server.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_in_flight_is_listed_pending_then_delivered(api, services, receiver, dispatcher):
+    receiver.mode = "hang"  # answers after 5 s, inside the timeout
+    jack = await api.ws("Jack")  # online: no push.needed in the outbox, only the message's own event
+    sent = await api.send_pm("Rose", "Jack", "in flight")
+    await wait_for_event(receiver, "message.created")
+    jack.close()
+
+    async def listed(status: str) -> list[str]:
+        page = await api.get(f"/api/v1/webhooks/events?status={status}", as_=("ops", "admin"))
+        return [e["id"] for e in page.json["events"]]
+
+    assert sent["id"] in await listed("pending") and sent["id"] not in await listed("delivered")
+    metrics = (await api.get("/metrics", as_=("ops", "admin"))).body.decode()
+    assert 'im_webhook_events{status="pending"} 1.0' in metrics
+
+    async def delivered() -> bool:
+        return sent["id"] in await listed("delivered")
+
+    await wait_until(delivered, timeout=15, message="the delivered event is not listed as delivered")
+    assert sent["id"] in await listed("delivered") and sent["id"] not in await listed("pending")
+    assert (await services.db.pm.find_one({"_id": sent["id"]}))["hook"] == "sent"  # no write per delivery
