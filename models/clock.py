@@ -19,7 +19,10 @@ def iso(moment: datetime.datetime | str) -> str:
     """
     if isinstance(moment, str):
         moment = datetime.datetime.fromisoformat(moment)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.tzinfo is not None:  # utcnow()'s; the driver's are naive UTC
+        moment = moment.astimezone(datetime.UTC).replace(tzinfo=None)
+    # isoformat, not strftime: a third of the cost, and it runs for every message on the wire
+    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 def unix_ms(moment: datetime.datetime) -> int:

@@ -82,7 +82,7 @@ STOP_TIMEOUT_SECS = 5.0
 GOODBYE_TIMEOUT_SECS = 0.5  # to delete the progress document at a stop with nothing to give back
 LOCAL_HOOKS_MAX = 5000  # messages whose event waits in memory; beyond, they are claimed from the database
 HOOK_SWEEP_SECS = 3.0  # how often messages' events are searched in the database (other processes', retries)
-PROGRESS_SECS = 1.0  # at most this often, one write says which of this process's births are settled
+PROGRESS_SECS = 0.25  # at most this often, one write says which births are settled (a kill -9 re-sends those since)
 BIRTH_GRACE_SECS = 120.0  # a birth whose insert never reported back is released (pending) after this
 TAKEOVER_SECS = 10.0  # how often dead processes' unsettled messages are looked for
 DEAD_AFTER_SECS = INSTANCE_STALE_AFTER_SECS  # a heartbeat this old: the process is gone
@@ -305,7 +305,7 @@ class Dispatcher:
 
     async def _write_progress(self, *, now: bool = True) -> None:
         """The progress document (models/outbox.py); with now=False only if changed and not
-        written within PROGRESS_SECS: one small update a second under load, none while idle."""
+        written within PROGRESS_SECS: a few small updates a second under load, none while idle."""
         below = self._below()
         if not now and (below == self._written_below or time.monotonic() < self._next_progress_write):
             return
