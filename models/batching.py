@@ -131,10 +131,12 @@ class BatchedInserts:
 
 class BatchedUpdates:
     """update(op) resolves once the UpdateOne is applied; an upsert that finds its document newer
-    (duplicate key on insert) counts as applied."""
+    (duplicate key on insert) counts as applied, or, with report_newer, raises DuplicateKeyError
+    (for a caller that has more to do then)."""
 
-    def __init__(self, collection: AsyncCollection[dict[str, Any]]):
+    def __init__(self, collection: AsyncCollection[dict[str, Any]], *, report_newer: bool = False):
         self._collection = collection
+        self._ignore_duplicates = not report_newer
         self._batcher: _Batcher[UpdateOne] = _Batcher(self._flush)
 
     async def update(self, operation: UpdateOne) -> None:
@@ -144,7 +146,7 @@ class BatchedUpdates:
         try:
             await self._collection.bulk_write(list(operations), ordered=False)
         except BulkWriteError as exc:
-            return _per_item_errors(exc, len(operations), ignore_duplicates=True)
+            return _per_item_errors(exc, len(operations), ignore_duplicates=self._ignore_duplicates)
         return {}
 
 

@@ -107,6 +107,9 @@ class ConversationStore:
         self._summaries = db.conversations
         # Journaled like the messages: after a crash the summary must still point at them.
         self._summary_updates = BatchedUpdates(db.get_collection("conversations", write_concern=write_concern))
+        self._summary_advances = BatchedUpdates(
+            db.get_collection("conversations", write_concern=write_concern), report_newer=True
+        )
         self._cursors = db.cursors
         self._db = db
 
@@ -115,9 +118,10 @@ class ConversationStore:
 
         Batched with other conversations' updates (models/batching.py): an upsert whose filter
         misses because the summary is already at or past this seq fails with a duplicate key,
-        which counts as done. The sender's own seq is added by a second, unconditional update
-        too: a summary already past this seq (another process stored a newer message first)
-        must still learn it, or the sender's unread would count its own message.
+        which counts as done — after the sender's own seq is added by a second, unconditional
+        update: a summary already past this seq (another process stored a newer message first,
+        or this is a repeat) must still learn it, or the sender's unread would count its own
+        message. Only then: one document written per send, not two.
         """
         seq = message["seq"]
         activity = activity_key(ref, message["createdAt"])
@@ -142,12 +146,13 @@ class ConversationStore:
         update: dict[str, Any] = {"$set": fields, "$setOnInsert": on_insert}
         if own:
             update["$addToSet"] = own
-        updates = [
-            self._summary_updates.update(UpdateOne({"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True))
-        ]
-        if own:
-            updates.append(self._summary_updates.update(UpdateOne({"_id": ref.key}, {"$addToSet": own})))
-        await asyncio.gather(*updates)  # one batch, one round trip
+        try:
+            await self._summary_advances.update(
+                UpdateOne({"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True)
+            )
+        except DuplicateKeyError:
+            if own:
+                await self._summary_updates.update(UpdateOne({"_id": ref.key}, {"$addToSet": own}))
 
     async def record_own_message(
         self, ref: ConversationRef, message: Mapping[str, Any], recipients: Sequence[str]

@@ -351,3 +351,23 @@ async def test_malformed_time_bound_is_a_400_naming_the_field(api, value):
     for field in ("since", "until"):
         response = await api.get(f"/api/v1/chats/pm?user_id=Jack&peer=Rose&{field}={quote(value)}", as_=PATIENT)
         assert_error(response, 400, "invalid_field", field=field)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_summary_already_past_a_message_still_learns_its_senders_own_seq(services):
+    """Another process stored seq 2 first: seq 1's summary update loses (the summary is newer),
+    yet Rose's own seq must be kept, or her unread would count her own message."""
+    from models.clock import utcnow
+    from models.conversations import ConversationRef
+
+    ref = ConversationRef.pm("Jack", "Rose")
+    side = "AB"[ref.parties().index("Rose")]
+    newer = {"_id": "m2", "from": "Jack", "to": "Rose", "seq": 2, "createdAt": utcnow()}
+    older = {"_id": "m1", "from": "Rose", "to": "Jack", "seq": 1, "createdAt": utcnow()}
+    await services.conversations.record_message(ref, newer, None)
+    await services.conversations.record_message(ref, older, None)
+    summary = await services.conversations.get_summary(ref)
+    assert summary["lastSeq"] == 2 and summary["lastMessage"]["_id"] == "m2"
+    assert summary[f"own{side}"] == [1]
+    await services.conversations.record_message(ref, older, None)  # a repeat changes nothing
+    assert (await services.conversations.get_summary(ref))[f"own{side}"] == [1]
