@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -177,6 +178,12 @@ class Dispatcher:
         self._next_progress_write = 0.0  # time.monotonic()
         self._next_takeover = 0.0  # time.time()
         self._database_failing = False  # the claim loop's last round failed
+        # webhook_events is read only when this process stored one, one of its retries or the
+        # nearest due event is due, or POLL_SECS passed (others' events): not on every round that
+        # messages' births wake under load.
+        self._events_stored = 0  # events this process stored (or queued again) so far
+        self._events_seen = -1  # ... when webhook_events was last read
+        self._next_events_look = 0.0  # time.time()
 
     def wake(self) -> None:
         """An event was stored by this process: look now, not at the next poll."""
@@ -186,6 +193,7 @@ class Dispatcher:
         """The outbox stored an event: a message to plan goes to the planner from memory."""
         if self._planner is not None and doc.get("plan") == "pending":
             self._planner.take(doc)
+        self._events_stored += 1
         self._wake.set()
 
     def birth(self, message_id: str) -> float | None:
@@ -370,7 +378,7 @@ class Dispatcher:
             try:
                 full = await self._work()
                 # With every slot busy, a finished delivery wakes the loop; no need to poll.
-                pause = POLL_SECS if full else await self._secs_until_due()
+                pause = POLL_SECS if full else self._secs_until_due()
                 self._database_failing = False
             except asyncio.CancelledError:
                 raise
@@ -442,8 +450,13 @@ class Dispatcher:
         """Up to room due events, leased to this dispatcher (see the module docstring): stored
         events, then (every HOOK_SWEEP_SECS, or sooner for a retry this process scheduled)
         messages' own."""
-        claimed = await self._claim_events(room)
         now = time.time()
+        claimed: list[dict[str, Any]] = []
+        if self._events_stored != self._events_seen or now >= self._next_events_look:
+            seen = self._events_stored
+            claimed = await self._claim_events(room)
+            next_look = now if len(claimed) >= room else await self._nearest_due()  # full: more may be due
+            self._events_seen, self._next_events_look = seen, next_look
         if now >= self._next_takeover:
             self._next_takeover = now + TAKEOVER_SECS
             await self._take_over()
@@ -494,14 +507,19 @@ class Dispatcher:
             for doc in won
         ]
 
-    async def _secs_until_due(self) -> float:
-        """Until the next pending event is due (retries, coalescing windows) or the next look at
-        the messages' own events, at most POLL_SECS."""
-        until_sweep = self._next_hook_sweep - time.time()
+    async def _nearest_due(self) -> float:
+        """When to look at webhook_events again: the nearest pending event's due time (retries,
+        coalescing windows), at most POLL_SECS from now (others' new events)."""
+        now = time.time()
         nearest = await self._events.find_one({"status": {"$eq": "pending"}}, {"dueAt": 1}, sort=[("dueAt", ASCENDING)])
-        if nearest is None:
-            return max(0.05, min(POLL_SECS, until_sweep))
-        return max(0.05, min(POLL_SECS, until_sweep, float(nearest["dueAt"]) - time.time()))
+        return min(now + POLL_SECS, float(nearest["dueAt"]) if nearest is not None else math.inf)
+
+    def _secs_until_due(self) -> float:
+        """Until the next look at webhook_events or at the messages' own events, at most POLL_SECS."""
+        now = time.time()
+        if self._events_stored != self._events_seen:
+            return 0.0
+        return max(0.05, min(POLL_SECS, self._next_hook_sweep - now, self._next_events_look - now))
 
     async def _deliver(self, doc: dict[str, Any]) -> None:
         try:
@@ -566,6 +584,7 @@ class Dispatcher:
         else:
             update["dueAt"] = now + delay
         await self._records.update(UpdateOne(mine, {"$set": update}))
+        self._events_stored += 1  # its retry is due later: the next round reads when
 
     async def _record_hook(self, doc: dict[str, Any], error: str | None) -> None:
         """A message's event: the outcome in the message document (unless a later claim took it);
