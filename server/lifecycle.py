@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+from typing import Any
 
+from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
 from pythonjsonlogger.json import JsonFormatter
 from tornado.httpserver import HTTPServer
@@ -30,6 +33,11 @@ WS_GOING_AWAY = 1001
 # Pending TCP connections the kernel keeps for us: a reconnect storm arrives faster than accept().
 LISTEN_BACKLOG = 4096
 INFLIGHT_DRAIN_SECS = 4.0
+# The driver's close ends its pooled server sessions first: with the database down that waits out
+# server selection, and about one SIGTERM in thirty then never finished closing (nor, once
+# cancelled, let asyncio's own clean-up finish). Past this the process exits without it.
+CLIENT_CLOSE_SECS = 3.0
+_abandoned: set[asyncio.Task[None]] = set()  # a close given up on: main() exits without waiting
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
@@ -59,10 +67,16 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    runner = asyncio.Runner()
     try:
-        return asyncio.run(serve(settings))
+        code = runner.run(serve(settings))
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    if _abandoned:  # everything is stored or given up; cancelling the stuck close could hang forever
+        logging.shutdown()
+        os._exit(code)
+    runner.close()
+    return code
 
 
 async def serve(settings: Settings) -> int:
@@ -83,7 +97,7 @@ async def serve(settings: Settings) -> int:
     async with AsyncExitStack() as stack:
         metrics = Metrics(settings.metrics.enabled)
         client = create_client(settings, metrics.command_listeners())
-        stack.push_async_callback(client.close)
+        stack.push_async_callback(close_client, client)
         try:
             await wait_for_database(client, settings.db_startup_timeout_secs)
             await ensure_indexes(client[settings.db_name])
@@ -133,6 +147,16 @@ async def serve(settings: Settings) -> int:
             log.warning("shutdown took over %.0fs; stopping anyway", settings.shutdown_timeout_secs)
         log.info("stopped")
     return 0
+
+
+async def close_client(client: AsyncMongoClient[dict[str, Any]]) -> None:
+    """The database client's close, bounded like every other step of shutting down."""
+    closing = asyncio.ensure_future(client.close())
+    closing.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved: no noise
+    await asyncio.wait([closing], timeout=CLIENT_CLOSE_SECS)
+    if not closing.done():
+        _abandoned.add(closing)
+        log.warning("shutdown: the database client did not close within %.0fs; exiting without it", CLIENT_CLOSE_SECS)
 
 
 async def shutdown(server: HTTPServer, services: Services) -> None:
