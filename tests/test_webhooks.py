@@ -105,6 +105,17 @@ def dispatcher(services, io_loop):
     io_loop.run_sync(services.webhooks.stop, timeout=TEARDOWN_TIMEOUT_SECS)
 
 
+async def send_pm_over_rest(http_client: Any, base_url: str, token: str, to: str, content: str) -> str:
+    """Rose's pm to a server process of its own; the stored message's id."""
+    response = await http_client.fetch(
+        f"{base_url}/api/v1/chats/pm",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        body=json.dumps({"from": "Rose", "to": to, "contentType": 1, "content": content}),
+    )
+    return str(json.loads(response.body)["id"])
+
+
 async def wait_for_event(receiver: Receiver, type_: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
     await wait_until(lambda: len(receiver.events(type_)) >= count, timeout=timeout, message=f"{type_} not received")
     return receiver.events(type_)
@@ -320,13 +331,7 @@ async def test_receiver_down_and_kill_9_lose_no_event(mongo, tmp_path, http_clie
     try:
 
         async def send(i: int) -> None:
-            response = await http_client.fetch(
-                f"{process.base_url}/api/v1/chats/pm",
-                method="POST",
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-                body=json.dumps({"from": "Rose", "to": f"p{i % 20}", "contentType": 1, "content": f"m{i}"}),
-            )
-            sent.add(json.loads(response.body)["id"])
+            sent.add(await send_pm_over_rest(http_client, process.base_url, token, f"p{i % 20}", f"m{i}"))
 
         for start in range(0, 200, 20):
             await asyncio.gather(*(send(i) for i in range(start, start + 20)))
@@ -365,17 +370,11 @@ async def test_events_in_flight_at_kill_9_are_taken_over_by_the_next_process(mon
     await asyncio.get_running_loop().run_in_executor(None, first.start)
     token = mint_token("test-secret-0123456789abcdef0123456789", "Rose", "doctor")
     try:
-
-        async def send(i: int) -> str:
-            response = await http_client.fetch(
-                f"{first.base_url}/api/v1/chats/pm",
-                method="POST",
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-                body=json.dumps({"from": "Rose", "to": f"p{i}", "contentType": 1, "content": f"m{i}"}),
+        sent = set(
+            await asyncio.gather(
+                *(send_pm_over_rest(http_client, first.base_url, token, f"p{i}", f"m{i}") for i in range(20))
             )
-            return str(json.loads(response.body)["id"])
-
-        sent = set(await asyncio.gather(*(send(i) for i in range(20))))
+        )
         await wait_until(lambda: len(receiver.received) >= 20, timeout=10, message="attempts not in flight")
         first.kill()
         receiver.mode = "ok"
