@@ -290,6 +290,7 @@ class Outbox:
                         page.append(event)
                         if len(page) > limit:
                             break
+                await found.close()  # a page ends before the cursor does
                 pages.append(page)
         merged = list(heapq.merge(*pages, key=lambda event: event["id"], reverse=True))
         page = merged[:limit]

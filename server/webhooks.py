@@ -185,10 +185,6 @@ class Dispatcher:
         self._events_seen = -1  # ... when webhook_events was last read
         self._next_events_look = 0.0  # time.time()
 
-    def wake(self) -> None:
-        """An event was stored by this process: look now, not at the next poll."""
-        self._wake.set()
-
     def stored(self, doc: dict[str, Any]) -> None:
         """The outbox stored an event: a message to plan goes to the planner from memory."""
         if self._planner is not None and doc.get("plan") == "pending":
@@ -423,9 +419,8 @@ class Dispatcher:
         while self._local_hooks and len(taken) < room:
             channel, message, hook = self._local_hooks.popleft()
             event = self._hook_event(channel, message, 1, hook["hookClaim"], float(hook["hookAgeFrom"]))
-            birth = self._births.get(message["id"])
             # a tracked birth settles without a write; one already released is marked like a claim's
-            event["tracked"] = birth is not None and birth.stamp == hook["hookDue"]
+            event["tracked"] = message["id"] in self._births
             taken.append(event)
         return taken
 
