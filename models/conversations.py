@@ -16,6 +16,9 @@ group member:
   `own<side>`, the party's own seqs above its read marker.
 - unread = lastSeq - read - (own messages in (read, lastSeq]): exact without counting messages.
   For gm the own seqs sit on the sender's cursor, the only per-user write a group message costs.
+  The own arrays keep the latest OWN_SEQS_KEPT seqs, so a party that sends for months without
+  marking read does not grow the document every send rewrites; a full array means older own seqs
+  may have been dropped, and that conversation's unread is counted from the messages instead.
 
 nx-27017 (tests, development) uses single-field indexes only, answers `$or` and `$in` on ordinary
 fields by scanning, and counts in Python; every query here is an equality, a range on one indexed
@@ -46,6 +49,11 @@ SEP = "\x01"
 SEP_END = "\x02"
 SIDES = ("A", "B")
 MARKER_RETRIES = 2
+# The own seqs an array keeps (the latest pushed). Enough that counting from the messages is rare:
+# only a party with this many own messages above its read marker. (nx-27017 ignores $push's $sort,
+# so the order is push order: a seq another process added late may outlive a larger one, and after
+# a read the count may miss that one dropped seq until the next read passes it.)
+OWN_SEQS_KEPT = 100
 
 
 def pm_conv(a: str, b: str) -> str:
@@ -122,6 +130,10 @@ class ConversationStore:
         update: a summary already past this seq (another process stored a newer message first,
         or this is a repeat) must still learn it, or the sender's unread would count its own
         message. Only then: one document written per send, not two.
+
+        The first update appends the own seq and trims the array to its latest OWN_SEQS_KEPT
+        (repeat-safe: it only runs while lastSeq is below seq); the second, rare, adds it as a set
+        member (repeat-safe itself; the next send trims).
         """
         seq = message["seq"]
         activity = activity_key(ref, message["createdAt"])
@@ -145,7 +157,7 @@ class ConversationStore:
                 on_insert[f"own{side}"] = []
         update: dict[str, Any] = {"$set": fields, "$setOnInsert": on_insert}
         if own:
-            update["$addToSet"] = own
+            update["$push"] = {field: {"$each": [seq], "$slice": -OWN_SEQS_KEPT} for field in own}
         try:
             await self._summary_advances.update(
                 UpdateOne({"_id": ref.key, "lastSeq": {"$lt": seq}}, update, upsert=True)
@@ -165,14 +177,13 @@ class ConversationStore:
         sender = message.get("from")
         if ref.channel != "gm" or not isinstance(sender, str) or sender not in recipients:
             return
-        seq = message["seq"]
+        push = {"$push": {"own": {"$each": [message["seq"]], "$slice": -OWN_SEQS_KEPT}}}
         key = {"user": sender, "channel": ref.channel, "conv": ref.conv}
-        added = await self._cursors.update_one({**key, "own": {"$exists": True}}, {"$addToSet": {"own": seq}})
+        added = await self._cursors.update_one(key, push)
         if not added.matched_count:
-            # No cursor yet, or one without the array (a marker made it): $push creates it on both
-            # MongoDB and nx-27017 (whose $addToSet ignores a missing array). A repeat is harmless:
-            # count_unread counts distinct seqs.
-            await self._upsert_cursor(sender, ref, {"$push": {"own": seq}, "$setOnInsert": {"received": 0, "read": 0}})
+            # A repeat (a retried send) pushes the seq again: harmless, count_unread counts
+            # distinct seqs and the array stays bounded.
+            await self._upsert_cursor(sender, ref, {**push, "$setOnInsert": {"received": 0, "read": 0}})
 
     async def show_changed_message(self, ref: ConversationRef, message: dict[str, Any]) -> None:
         """A recalled or edited message that is still the summary's lastMessage shows as it now is
@@ -307,6 +318,36 @@ class ConversationStore:
         # Conditional, so a message stored meanwhile (lastSeq above received) keeps the flag set.
         await self.clear_pending(user, ref, received)
 
+    async def unread_counts(
+        self, user: str, summaries: Sequence[Mapping[str, Any]], group_cursors: Mapping[str, Mapping[str, Any]]
+    ) -> list[int]:
+        """The user's unread in each of these conversations (group_cursors: get_group_cursors).
+
+        From the own seqs alone unless an array is full (older ones may have been dropped, see
+        OWN_SEQS_KEPT): those few conversations count the user's messages above its read marker.
+        Messages retention deleted (up to purgedSeq) are not waiting to be read.
+        """
+        counts: list[int] = []
+        recount: dict[int, asyncio.Future[int]] = {}
+        for index, summary in enumerate(summaries):
+            ref = ConversationRef(summary["channel"], summary["conv"])
+            _received, read, own = party_markers(user, ref, summary, group_cursors)
+            last_seq = summary["lastSeq"]
+            read = max(read, summary.get("purgedSeq", 0))
+            counts.append(count_unread(last_seq, read, own))
+            if len(own) >= OWN_SEQS_KEPT and read < last_seq:
+                recount[index] = asyncio.ensure_future(self._count_from_messages(user, ref, last_seq, read))
+        if recount:
+            for index, count in zip(recount, await asyncio.gather(*recount.values()), strict=True):
+                counts[index] = count
+        return counts
+
+    async def _count_from_messages(self, user: str, ref: ConversationRef, last_seq: int, read: int) -> int:
+        own_above = await self._db[ref.channel].count_documents(
+            {"conv": ref.conv, "seq": {"$gt": read, "$lte": last_seq}, "from": user}
+        )
+        return max(0, last_seq - read - own_above)
+
     async def messages_after(
         self, ref: ConversationRef, after_seq: int, limit: int, before_seq: int | None = None
     ) -> list[dict[str, Any]]:
@@ -370,6 +411,18 @@ class ConversationStore:
 def activity_key(ref: ConversationRef, created_at: datetime.datetime) -> str:
     """Sorts conversations by their last message's time (ISO 8601 sorts as time), then key."""
     return f"{iso(created_at)}{SEP}{ref.key}"
+
+
+def party_markers(
+    user: str, ref: ConversationRef, summary: Mapping[str, Any], group_cursors: Mapping[str, Mapping[str, Any]]
+) -> tuple[int, int, list[int]]:
+    """(received, read, own seqs) of the user in a conversation: the summary's mirrors for a pm/sm
+    party, the user's cursor (from get_group_cursors) for a group."""
+    side = ref.side_of(user)
+    if side is not None:
+        return summary.get(f"received{side}", 0), summary.get(f"read{side}", 0), summary.get(f"own{side}", [])
+    marker = group_cursors.get(ref.key, {})
+    return marker.get("received", 0), marker.get("read", 0), marker.get("own", [])
 
 
 def count_unread(last_seq: int, read: int, own: Iterable[int]) -> int:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from models import validation as v
-from models.conversations import SEP, SIDES, ConversationRef, ConversationStore, count_unread
+from models.conversations import SEP, SIDES, ConversationRef, ConversationStore, party_markers
 from models.database import Database
 from models.errors import InvalidField, NotAMember, NotFound
 from models.groups import GroupStore
@@ -108,18 +108,13 @@ class Inbox:
         page = found[:limit]
         groups = [s["conv"] for s in page if s["channel"] == "gm"]
         group_cursors = await self._conversations.get_group_cursors(user, groups)
+        unread = await self._conversations.unread_counts(user, page, group_cursors)
         out = []
-        for summary in page:
+        for summary, unread_here in zip(page, unread, strict=True):
             ref = ConversationRef(summary["channel"], summary["conv"])
             entry: dict[str, Any] = {"channel": ref.channel}
             side = ref.side_of(user)
-            if side is not None:
-                received = summary.get(f"received{side}", 0)
-                read_seq = summary.get(f"read{side}", 0)
-                own = summary.get(f"own{side}", [])
-            else:
-                marker = group_cursors.get(ref.key, {})
-                received, read_seq, own = marker.get("received", 0), marker.get("read", 0), marker.get("own", [])
+            received, read_seq, _own = party_markers(user, ref, summary, group_cursors)
             if ref.channel == "pm":
                 low, high = ref.pm_pair()
                 entry["peer"] = high if low == user else low
@@ -128,8 +123,7 @@ class Inbox:
             entry.update(
                 {
                     "lastMessage": message_to_wire(summary["lastMessage"]),
-                    # Messages retention deleted (up to purgedSeq) are not waiting to be read.
-                    "unread": count_unread(summary["lastSeq"], max(read_seq, summary.get("purgedSeq", 0)), own),
+                    "unread": unread_here,
                     "receivedSeq": received,
                     "readSeq": read_seq,
                 }

@@ -277,9 +277,11 @@ class MessageService:
                         _check_same_request(original, draft)
                         wire = message_to_wire(original)
                         await self._events.message_created(ref.channel, wire, {})  # its event is stored
-                        # A retry: finish what the first attempt may not have (summary,
-                        # delivery); both are idempotent and sockets drop what they have.
+                        # A retry: finish what the first attempt may not have (summary, a group
+                        # sender's own seq, delivery); repeating them is harmless and sockets
+                        # drop what they have.
                         await self._conversations.record_message(ref, original, draft.summary_members)
+                        await self._conversations.record_own_message(ref, original, draft.recipients)
                         self._publisher.publish_message(ref, wire, draft.recipients, origin)
                         return wire, False
                     self._last_seq.pop(ref.key, None)  # another process took this seq: reload

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from models.clock import iso
-from models.conversations import ConversationRef, ConversationStore, count_unread
+from models.conversations import ConversationRef, ConversationStore
 from models.database import Database
 from models.groups import GroupStore
 from models.messages import recipients_of
@@ -242,17 +242,7 @@ class PushPlanner:
         group_cursors = await self._conversations.get_group_cursors(
             user, [s["conv"] for s in summaries if s["channel"] == "gm"]
         )
-        total = 0
-        for summary in summaries:
-            ref = ConversationRef(summary["channel"], summary["conv"])
-            side = ref.side_of(user)
-            if side is not None:
-                read_seq, own = summary.get(f"read{side}", 0), summary.get(f"own{side}", [])
-            else:
-                marker = group_cursors.get(ref.key, {})
-                read_seq, own = marker.get("read", 0), marker.get("own", [])
-            total += count_unread(summary["lastSeq"], read_seq, own)
-        return total
+        return sum(await self._conversations.unread_counts(user, summaries, group_cursors))
 
     async def prepare(self, doc: dict[str, Any]) -> dict[str, Any] | None:
         """Before the first attempt: a closed push window gets its unread count (kept for retries);

@@ -371,3 +371,58 @@ async def test_a_summary_already_past_a_message_still_learns_its_senders_own_seq
     assert summary[f"own{side}"] == [1]
     await services.conversations.record_message(ref, older, None)  # a repeat changes nothing
     assert (await services.conversations.get_summary(ref))[f"own{side}"] == [1]
+
+
+async def unread_of(api, user: str, role: str) -> dict[str, int]:
+    listed = (await api.get(f"/api/v1/conversations?user_id={user}", as_=(user, role))).json["conversations"]
+    return {c.get("peer") or c.get("group"): c["unread"] for c in listed}
+
+
+async def mark_read(api, user: str, role: str, seq: int, **where: str) -> None:
+    response = await api.post("/api/v1/conversations/read", {"user_id": user, "seq": seq, **where}, as_=(user, role))
+    assert response.code == 200, response.body
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_party_that_sends_for_long_without_reading_keeps_a_bounded_summary_and_exact_unread(api, services):
+    """The summary every send rewrites keeps only the latest OWN_SEQS_KEPT own seqs; once older
+    ones are dropped, unread is counted from the messages and stays exact."""
+    from models.conversations import OWN_SEQS_KEPT, ConversationRef
+
+    many = OWN_SEQS_KEPT + 20
+    for i in range(3):
+        await api.send_pm("Jack", "Rose", f"question {i}", role="patient")  # seqs 1-3
+    for i in range(many):
+        await api.send_pm("Rose", "Jack", f"advice {i}")  # seqs 4 .. many + 3
+    for i in range(2):
+        await api.send_pm("Jack", "Rose", f"thanks {i}", role="patient")
+    last = many + 5
+    ref = ConversationRef.pm("Jack", "Rose")
+    summary = await services.conversations.get_summary(ref)
+    rose_side = "AB"[ref.parties().index("Rose")]
+    assert summary["lastSeq"] == last
+    assert summary[f"own{rose_side}"] == list(range(last - 2 - OWN_SEQS_KEPT + 1, last - 1))
+    assert (await unread_of(api, "Rose", "doctor"))["Jack"] == 5
+    assert (await unread_of(api, "Jack", "patient"))["Rose"] == many
+    await mark_read(api, "Rose", "doctor", 10, channel="pm", peer="Jack")  # the array is still full
+    assert (await unread_of(api, "Rose", "doctor"))["Jack"] == 2
+    await mark_read(api, "Rose", "doctor", 60, channel="pm", peer="Jack")  # no longer full
+    assert len((await services.conversations.get_summary(ref))[f"own{rose_side}"]) < OWN_SEQS_KEPT
+    assert (await unread_of(api, "Rose", "doctor"))["Jack"] == 2
+
+    await make_group(api, "care-long", members=("Rose", "Jack"))
+    for i in range(many):
+        response = await api.post(
+            "/api/v1/chats/gm", {"from": "Rose", "group": "care-long", "contentType": 1, "content": f"n{i}"}, as_=DOCTOR
+        )
+        assert response.code == 201, response.body
+    response = await api.post(
+        "/api/v1/chats/gm", {"from": "Jack", "group": "care-long", "contentType": 1, "content": "ok"}, as_=PATIENT
+    )
+    assert response.code == 201, response.body
+    cursor = await services.db.cursors.find_one({"user": "Rose", "channel": "gm", "conv": "care-long"})
+    assert cursor is not None and len(cursor["own"]) == OWN_SEQS_KEPT
+    group_last = (await services.conversations.get_summary(ConversationRef.gm("care-long")))["lastSeq"]
+    notices = group_last - many - 1  # the group's own system messages (created, members)
+    assert (await unread_of(api, "Rose", "doctor"))["care-long"] == notices + 1
+    assert (await unread_of(api, "Jack", "patient"))["care-long"] == notices + many
