@@ -133,6 +133,15 @@ class GuardedIOStream(IOStream):
         self._headers_too_large = headers_too_large
         self._reading_headers = False
         self._last_answer = b""
+        # Nagle off for the connection's life: a response is written whole (headers and body in
+        # one write), so Nagle saves nothing there, and on a WebSocket it would hold a small frame
+        # back until the previous one is acknowledged (up to a delayed ACK, 40 ms and more, on a
+        # phone's network). Tornado switches it on and off around every response: two system
+        # calls per request saved (set_nodelay below).
+        super().set_nodelay(True)
+
+    def set_nodelay(self, value: bool) -> None:
+        """Left on (see __init__)."""
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Any:
         # Only HTTP1Connection's header read uses this pattern with a limit.

@@ -369,3 +369,23 @@ async def test_token_lifetime_cap_applies_to_websockets_too(api, settings):
         },
     )
     assert response.code == 401
+
+
+@pytest.mark.gen_test
+async def test_connections_keep_nagle_off_for_their_life() -> None:
+    """Responses are written whole and WebSocket frames must not wait for an ACK: TCP_NODELAY is
+    set once when the connection is accepted and Tornado's per-response toggling is ignored."""
+    from server.http_guard import GuardedIOStream
+
+    listener, port = bind_unused_port()
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    stream = GuardedIOStream(accepted, b"")
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        stream.set_nodelay(False)  # what HTTP1Connection does after every response
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        stream.close()
+        client.close()
+        listener.close()
