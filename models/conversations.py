@@ -396,7 +396,7 @@ class ConversationStore:
             if isinstance(sender, str) and (sender in markers or ref.channel == "gm"):
                 own.setdefault(sender, []).append(doc["seq"])
         for side, user in zip(SIDES, ref.parties(), strict=False):
-            fields[f"own{side}"] = sorted(s for s in own.get(user, []) if s > fields[f"read{side}"])
+            fields[f"own{side}"] = sorted(s for s in own.get(user, []) if s > fields[f"read{side}"])[-OWN_SEQS_KEPT:]
         await self._summaries.update_one({"_id": ref.key}, {"$set": fields})
         if ref.channel == "gm":
             for sender, seqs in own.items():
@@ -404,7 +404,12 @@ class ConversationStore:
                 above = sorted(s for s in seqs if s > read_seq)
                 if above:
                     await self._upsert_cursor(
-                        sender, ref, {"$push": {"own": {"$each": above}}, "$setOnInsert": {"received": 0, "read": 0}}
+                        sender,
+                        ref,
+                        {
+                            "$push": {"own": {"$each": above, "$slice": -OWN_SEQS_KEPT}},
+                            "$setOnInsert": {"received": 0, "read": 0},
+                        },
                     )
 
 
