@@ -92,11 +92,19 @@ class PushPlanner:
         """At store time: may this message give a push or a reminder? Not when reminders are off
         and every recipient has a socket on this process (SPEC §12: a push is for a recipient with
         no open socket when the message is stored). Group members are not known here: planned."""
-        if self._reminder_after_secs > 0 or message["channel"] == "gm":
+        channel = message["channel"]
+        if self._reminder_after_secs > 0 or channel == "gm":
             return True
-        ref = conversation_of(message)
-        recipients = [u for u in recipients_of(ref, message) if u != message.get("from")]
-        return any(not self._sockets.is_online(user) for user in recipients)
+        sender = message.get("from")
+        # The pair as conversation_of names it, without building the conversation's key (every send).
+        recipients: tuple[str, ...]
+        if channel != "pm":
+            recipients = (message["to"],)
+        elif "doctor" in message and "patient" in message:
+            recipients = (message["doctor"], message["patient"])
+        else:
+            recipients = (message["from"], message["to"])
+        return any(user != sender and not self._sockets.is_online(user) for user in recipients)
 
     def take(self, doc: dict[str, Any]) -> None:
         """A message.created event this process just stored (born leased to it): planned from
