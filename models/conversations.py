@@ -54,6 +54,7 @@ MARKER_RETRIES = 2
 # so the order is push order: a seq another process added late may outlive a larger one, and after
 # a read the count may miss that one dropped seq until the next read passes it.)
 OWN_SEQS_KEPT = 100
+RECOUNTS_AT_ONCE = 8  # unread counted from the messages (full own arrays) in parallel, at most
 
 
 def pm_conv(a: str, b: str) -> str:
@@ -328,7 +329,7 @@ class ConversationStore:
         Messages retention deleted (up to purgedSeq) are not waiting to be read.
         """
         counts: list[int] = []
-        recount: dict[int, asyncio.Future[int]] = {}
+        recount: list[tuple[int, ConversationRef, int, int]] = []
         for index, summary in enumerate(summaries):
             ref = ConversationRef(summary["channel"], summary["conv"])
             _received, read, own = party_markers(user, ref, summary, group_cursors)
@@ -336,9 +337,13 @@ class ConversationStore:
             read = max(read, summary.get("purgedSeq", 0))
             counts.append(count_unread(last_seq, read, own))
             if len(own) >= OWN_SEQS_KEPT and read < last_seq:
-                recount[index] = asyncio.ensure_future(self._count_from_messages(user, ref, last_seq, read))
-        if recount:
-            for index, count in zip(recount, await asyncio.gather(*recount.values()), strict=True):
+                recount.append((index, ref, last_seq, read))
+        # A few at a time: a push badge sums every conversation of the user, and a doctor who never
+        # marks read may have many full arrays; the pool is shared with every send.
+        for start in range(0, len(recount), RECOUNTS_AT_ONCE):
+            chunk = recount[start : start + RECOUNTS_AT_ONCE]
+            found = await asyncio.gather(*(self._count_from_messages(user, *item[1:]) for item in chunk))
+            for (index, *_rest), count in zip(chunk, found, strict=True):
                 counts[index] = count
         return counts
 
